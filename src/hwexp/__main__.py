@@ -1,0 +1,71 @@
+"""``python -m hwexp [overrides]``: prepare the data, train, evaluate, and log it all to MLflow.
+
+Returns (to Hydra, for sweeps) the metric named by ``optimized_metric``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from hwexp import CONF_DIR
+from hwexp.data.errors import DataError
+
+log = logging.getLogger("hwexp")
+
+
+def run_training(cfg: DictConfig) -> dict[str, float]:
+    """Prepare ``cfg.dataset``, train ``cfg.model`` on it and return the test/val metrics.
+
+    Data is prepared before TensorFlow is imported, so data workers can be forked cheaply.
+    """
+    from hwexp.data.dataset import load_splits
+
+    splits = load_splits(cfg)
+    from hwexp.track import Tracker, default_tracking_uri
+    from hwexp.train import train_and_evaluate
+
+    tracker = Tracker.from_config(cfg.tracking)
+    if tracker is None:
+        return train_and_evaluate(splits, cfg)
+    with tracker:
+        metrics = train_and_evaluate(splits, cfg, tracker)
+    uri = cfg.tracking.uri or default_tracking_uri(cfg.tracking.mlruns_dir)
+    print(_summary(splits.name, metrics, tracker.run_id, uri))
+    return metrics
+
+
+def _summary(dataset: str, metrics: dict[str, float], run_id: str, uri: str) -> str:
+    lines = [
+        "",
+        f"dataset {dataset}: test accuracy {metrics.get('test/accuracy', float('nan')):.4f}, "
+        f"top-5 {metrics.get('test/top5_accuracy', float('nan')):.4f}, "
+        f"macro F1 {metrics.get('test/macro_f1', float('nan')):.4f}",
+        f"MLflow run {run_id} in {uri}",
+    ]
+    if uri.startswith("sqlite:"):
+        lines.append(
+            f"open it with:  mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+        )
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Hydra task: train once; the return value is what sweeps optimise."""
+    try:
+        metrics = run_training(cfg)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    name = cfg.optimized_metric
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name!r} is not among the metrics {sorted(metrics)}")
+    return float(metrics[name])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""``python -m hwexp.data prepare|show|stats [overrides]`` and ``download kmnist|k49``.
+
+Examples::
+
+    python -m hwexp.data prepare dataset=kanji3036 preprocess.size=64
+    python -m hwexp.data show dataset=hiragana dataset.source=synthetic
+    python -m hwexp.data stats dataset=katakana split=random
+    python -m hwexp.data download kmnist
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from hwexp import CONF_DIR
+from hwexp.data.errors import DataError
+
+COMMANDS = ("prepare", "show", "stats", "download")
+USAGE = (
+    "usage: python -m hwexp.data {prepare|show|stats} [hydra overrides...]\n"
+    "       python -m hwexp.data download {kmnist|k49} [paths.data_dir=...]"
+)
+_command: list[str] = []
+
+
+def _run(cfg: DictConfig) -> None:
+    try:
+        _dispatch(cfg, _command[0])
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _dispatch(cfg: DictConfig, command: str) -> None:
+    if command == "download":
+        from hwexp.data.download import download_dataset
+
+        paths = download_dataset(_command[1], Path(cfg.paths.data_dir).expanduser().resolve())
+        print("\n".join(str(p) for p in paths))
+        return
+    from hwexp.data.dataset import class_set_of, load_splits, prepare_sources
+    from hwexp.data.show import count_table, sample_grid, save_png
+
+    classes, _ = class_set_of(cfg.dataset)
+    prepared = prepare_sources(cfg)
+    if command == "prepare":
+        for source in prepared.values():
+            print(f"{source.name}: {len(source)} images {source.images.shape[1:]} -> {source.path}")
+    elif command == "stats":
+        for source in prepared.values():
+            print(count_table(source, classes))
+        splits = load_splits(cfg, progress=False)
+        for split in ("train", "val", "test"):
+            part = getattr(splits, split)
+            print(f"{split}: {len(part)} samples, {len(np.unique(part.writers))} writers")
+    elif command == "show":
+        for source in prepared.values():
+            grid = sample_grid(
+                source.images,
+                source.labels,
+                source.writers,
+                classes,
+                per_class=cfg.show.per_class,
+                max_classes=cfg.show.max_classes,
+                seed=cfg.seed,
+            )
+            default = Path(cfg.paths.cache_dir).expanduser().resolve().parent / (
+                f"show-{cfg.dataset.name}-{source.name}.png"
+            )
+            output = Path(cfg.show.output) if cfg.show.output else default
+            if len(prepared) > 1 and cfg.show.output:
+                output = output.with_name(f"{output.stem}-{source.name}{output.suffix}")
+            print(save_png(grid, output))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        return 2
+    command = [argv.pop(0)]
+    if command[0] == "download":
+        if not argv or argv[0] not in ("kmnist", "k49"):
+            print(USAGE, file=sys.stderr)
+            return 2
+        command.append(argv.pop(0))
+    _command[:] = command
+    sys.argv = [sys.argv[0], *argv]
+    hydra.main(config_path=CONF_DIR, config_name="data", version_base="1.3")(_run)()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Readers for the ETL Character Database files (AIST), decoded whole-file with numpy.
+
+Each format is a fixed-size big-endian record: a structured dtype laid over the file gives
+every header field at once, and the packed image is unpacked for a whole block of records
+with one table lookup (4-bit: two pixels per byte, high nibble first; 1-bit: eight pixels
+per byte, most significant bit first). Images come out ``uint8`` with ink high: 4-bit grey
+levels ``0..15`` are scaled to ``0..255`` (``* 17``), 1-bit pixels to ``0``/``255``.
+
+Record layouts (field names follow the ETL documentation):
+
+* ETL1C   2052 bytes ``>H2sH6BI4H4B4x2016s4x``, image 64x63, 4-bit; katakana in ETL1C_07..13,
+  label from the 2-byte ASCII reading ("KA", "WI"), since JIS X 0201 has no ヰ/ヱ.
+* ETL8G   8199 bytes ``>2H8sI4B4H2B30x8128s11x``, image 128x127, 4-bit, files 01..32.
+* ETL9G   8199 bytes ``>2H8sI4B4H2B34x8128s7x``, image 128x127, 4-bit, files 01..50.
+* ETL8B2  512 bytes ``>2H4s504s``, image 64x63, 1-bit; the first record of each file is a dummy.
+* ETL9B   576 bytes ``>2H4s504s64x``, image 64x63, 1-bit; the first record is a dummy.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hwexp.data.charsets import ETL1_READINGS, jis0208_to_char
+from hwexp.data.errors import CorruptDataFile, DatasetFilesMissing
+from hwexp.data.raw import ChunkTask, RawChunk
+
+ETL_SITE = "http://etlcdb.db.aist.go.jp (free registration)"
+
+
+@dataclass(frozen=True)
+class EtlFormat:
+    """One ETL record layout and where its files live under the data directory."""
+
+    name: str
+    dtype: np.dtype
+    width: int
+    height: int
+    bits: int  # 4 or 1
+    subdir: str
+    file_names: tuple[str, ...]
+    dummy_first_record: bool = False
+
+    @property
+    def record_size(self) -> int:
+        return self.dtype.itemsize
+
+
+def _fields(*spec: tuple[str, str]) -> np.dtype:
+    return np.dtype(list(spec))
+
+
+ETL1C = EtlFormat(
+    name="ETL1C",
+    dtype=_fields(
+        ("data_number", ">u2"),
+        ("reading", "S2"),
+        ("sheet", ">u2"),
+        ("jis_x0201", "u1"),
+        ("ebcdic", "u1"),
+        ("eval_image", "u1"),
+        ("eval_group", "u1"),
+        ("gender", "u1"),
+        ("age", "u1"),
+        ("serial", ">u4"),
+        ("industry", ">u2"),
+        ("occupation", ">u2"),
+        ("gathered", ">u2"),
+        ("scanned", ">u2"),
+        ("y", "u1"),
+        ("x", "u1"),
+        ("min_level", "u1"),
+        ("max_level", "u1"),
+        ("_pad0", "V4"),
+        ("image", "V2016"),
+        ("_pad1", "V4"),
+    ),
+    width=64,
+    height=63,
+    bits=4,
+    subdir="ETL1",
+    file_names=tuple(f"ETL1C_{i:02d}" for i in range(7, 14)),
+)
+
+
+def _etl_g_dtype(pad_before: int, pad_after: int) -> np.dtype:
+    return _fields(
+        ("sheet", ">u2"),
+        ("jis", ">u2"),
+        ("reading", "S8"),
+        ("serial", ">u4"),
+        ("eval_image", "u1"),
+        ("eval_group", "u1"),
+        ("gender", "u1"),
+        ("age", "u1"),
+        ("industry", ">u2"),
+        ("occupation", ">u2"),
+        ("gathered", ">u2"),
+        ("scanned", ">u2"),
+        ("x", "u1"),
+        ("y", "u1"),
+        ("_pad0", f"V{pad_before}"),
+        ("image", "V8128"),
+        ("_pad1", f"V{pad_after}"),
+    )
+
+
+ETL8G = EtlFormat(
+    name="ETL8G",
+    dtype=_etl_g_dtype(30, 11),
+    width=128,
+    height=127,
+    bits=4,
+    subdir="ETL8G",
+    file_names=tuple(f"ETL8G_{i:02d}" for i in range(1, 33)),
+)
+ETL9G = EtlFormat(
+    name="ETL9G",
+    dtype=_etl_g_dtype(34, 7),
+    width=128,
+    height=127,
+    bits=4,
+    subdir="ETL9G",
+    file_names=tuple(f"ETL9G_{i:02d}" for i in range(1, 51)),
+)
+ETL8B2 = EtlFormat(
+    name="ETL8B2",
+    dtype=_fields(("sheet", ">u2"), ("jis", ">u2"), ("reading", "S4"), ("image", "V504")),
+    width=64,
+    height=63,
+    bits=1,
+    subdir="ETL8B",
+    file_names=tuple(f"ETL8B2C{i}" for i in range(1, 4)),
+    dummy_first_record=True,
+)
+ETL9B = EtlFormat(
+    name="ETL9B",
+    dtype=_fields(
+        ("sheet", ">u2"), ("jis", ">u2"), ("reading", "S4"), ("image", "V504"), ("_pad", "V64")
+    ),
+    width=64,
+    height=63,
+    bits=1,
+    subdir="ETL9B",
+    file_names=tuple(f"ETL9B_{i}" for i in range(1, 6)),
+    dummy_first_record=True,
+)
+
+FORMATS: dict[str, EtlFormat] = {f.name.lower(): f for f in (ETL1C, ETL8G, ETL9G, ETL8B2, ETL9B)}
+
+
+def unpack_pixels(packed: np.ndarray, bits: int, height: int, width: int) -> np.ndarray:
+    """Unpack ``(n, nbytes)`` uint8 image fields into ``(n, height, width)`` uint8, ink high."""
+    n = len(packed)
+    if bits == 1:
+        pixels = np.unpackbits(packed, axis=1)
+        pixels *= 255
+        return pixels.reshape(n, height, width)
+    pixels = np.empty((n, packed.shape[1], 2), np.uint8)
+    np.right_shift(packed, 4, out=pixels[..., 0])
+    np.bitwise_and(packed, 15, out=pixels[..., 1])
+    pixels *= 17  # 4-bit grey 0..15 -> 0..255
+    return pixels.reshape(n, height, width)
+
+
+def image_bytes(records: np.ndarray, fmt: EtlFormat) -> np.ndarray:
+    """The packed image field of each record as a ``(n, nbytes)`` uint8 view (no copy)."""
+    field, offset = fmt.dtype.fields["image"][:2]
+    as_bytes = records.view(np.uint8).reshape(len(records), fmt.record_size)
+    return as_bytes[:, offset : offset + field.itemsize]
+
+
+def etl_label(fmt: EtlFormat, records: np.ndarray) -> np.ndarray:
+    """The character of each record: JIS X 0208 code for ETL8/9, ASCII reading for ETL1."""
+    if fmt is ETL1C:
+        return _etl1_labels(records["reading"])
+    return _jis_labels(records["jis"])
+
+
+def _jis_labels(codes: np.ndarray) -> np.ndarray:
+    unique, inverse = np.unique(codes, return_inverse=True)
+    chars = np.array([_char_or_empty(int(c)) for c in unique], dtype="<U1")
+    return chars[inverse]
+
+
+def _char_or_empty(code: int) -> str:
+    try:
+        return jis0208_to_char(code)
+    except ValueError:
+        return ""
+
+
+def _etl1_labels(readings: np.ndarray) -> np.ndarray:
+    unique, inverse = np.unique(readings, return_inverse=True)
+    chars = []
+    for reading in unique:
+        text = reading.decode("ascii", "replace")
+        chars.append(ETL1_READINGS.get(text, ETL1_READINGS.get(text.strip(), "")))
+    return np.array(chars, dtype="<U1")[inverse]
+
+
+def read_records(path: Path, fmt: EtlFormat, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Records ``start:stop`` of one ETL file as a structured array (a read-only memory map).
+
+    Raises:
+        CorruptDataFile: the file size is not a whole number of records, naming the file and
+            the index of the truncated record.
+    """
+    size = os.path.getsize(path)
+    if size == 0 or size % fmt.record_size:
+        whole = size // fmt.record_size
+        raise CorruptDataFile(
+            f"{path}: {size} bytes is not a whole number of {fmt.name} records of "
+            f"{fmt.record_size} bytes; record {whole} is truncated (the file is damaged or is "
+            f"not an {fmt.name} file; download it again from {ETL_SITE})."
+        )
+    records = np.memmap(path, dtype=fmt.dtype, mode="r")
+    first = 1 if fmt.dummy_first_record else 0
+    return records[first + start : None if stop is None else first + stop]
+
+
+def record_count(path: Path, fmt: EtlFormat) -> int:
+    """Number of (non-dummy) records in one file, from its size alone."""
+    return os.path.getsize(path) // fmt.record_size - (1 if fmt.dummy_first_record else 0)
+
+
+def decode_records(
+    path: Path,
+    fmt: EtlFormat,
+    start: int = 0,
+    stop: int | None = None,
+    keep: frozenset[str] | None = None,
+) -> RawChunk:
+    """Decode records ``start:stop`` of one file, keeping only labels in ``keep`` (all if None).
+
+    Writers are ``"<FORMAT>:<sheet>"``; every header field is kept in ``meta`` (plus
+    ``file`` and ``record``, the record's index within its file).
+    """
+    records = read_records(path, fmt, start, stop)
+    labels = etl_label(fmt, records)
+    _check_labels(path, fmt, labels, start)
+    index = np.arange(start, start + len(records))
+    if keep is not None:
+        selected = np.isin(labels, list(keep))
+        records, labels, index = records[selected], labels[selected], index[selected]
+    images = unpack_pixels(image_bytes(records, fmt), fmt.bits, fmt.height, fmt.width)
+    meta = {
+        name: np.asarray(records[name])
+        for name in fmt.dtype.names
+        if not name.startswith("_") and name != "image"
+    }
+    meta["file"] = np.full(len(records), path.name)
+    meta["record"] = index
+    writers = np.char.add(f"{fmt.name}:", records["sheet"].astype(str))
+    return RawChunk(images=images, labels=labels, writers=writers, ink="high", meta=meta)
+
+
+def _check_labels(path: Path, fmt: EtlFormat, labels: np.ndarray, start: int) -> None:
+    bad = np.flatnonzero(labels == "")
+    if len(bad):
+        field = "reading" if fmt is ETL1C else "JIS code"
+        raise CorruptDataFile(
+            f"{path}: record {start + int(bad[0])} has a {field} that names no known character; "
+            f"the file is damaged or is not an {fmt.name} file."
+        )
+
+
+def decode_etl1c(path: Path) -> RawChunk:
+    """Decode a whole ETL1C file (katakana files are ETL1C_07..13)."""
+    return decode_records(Path(path), ETL1C)
+
+
+def decode_etl8g(path: Path) -> RawChunk:
+    """Decode a whole ETL8G file."""
+    return decode_records(Path(path), ETL8G)
+
+
+def decode_etl9g(path: Path) -> RawChunk:
+    """Decode a whole ETL9G file."""
+    return decode_records(Path(path), ETL9G)
+
+
+def decode_etl8b2(path: Path) -> RawChunk:
+    """Decode a whole ETL8B2 file (its dummy first record skipped)."""
+    return decode_records(Path(path), ETL8B2)
+
+
+def decode_etl9b(path: Path) -> RawChunk:
+    """Decode a whole ETL9B file (its dummy first record skipped)."""
+    return decode_records(Path(path), ETL9B)
+
+
+def etl_files(data_dir: Path, fmt: EtlFormat) -> list[Path]:
+    """The format's files under ``data_dir/<subdir>``; all of them must be present.
+
+    Raises:
+        DatasetFilesMissing: naming the directory, the missing files and where to get them.
+    """
+    folder = Path(data_dir) / fmt.subdir
+    paths = [folder / name for name in fmt.file_names]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        shown = ", ".join(missing[:6]) + (
+            f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        )
+        raise DatasetFilesMissing(
+            f"{fmt.name} files missing in {folder}: {shown}. Expected {len(paths)} files "
+            f"{fmt.file_names[0]}..{fmt.file_names[-1]}, as the archive from {ETL_SITE} unpacks "
+            f"(set paths.data_dir to the folder that holds {fmt.subdir}/). ETL data may not be "
+            "redistributed, so hwexp cannot fetch it for you; to run without it, choose the "
+            "built-in source: dataset.source=synthetic."
+        )
+    return paths
+
+
+def etl_tasks(
+    paths: Sequence[Path], fmt: EtlFormat, keep: frozenset[str] | None, chunk_records: int = 2048
+) -> list[ChunkTask]:
+    """Chunked decode tasks over ``paths``; each task's ``count`` is exact after filtering."""
+    tasks = []
+    for path in paths:
+        total = record_count(path, fmt)
+        read_records(path, fmt)  # size check now, before any worker starts
+        labels = etl_label(fmt, read_records(path, fmt))
+        _check_labels(path, fmt, labels, 0)
+        wanted = np.ones(total, bool) if keep is None else np.isin(labels, list(keep))
+        for start in range(0, total, chunk_records):
+            stop = min(start + chunk_records, total)
+            count = int(wanted[start:stop].sum())
+            if count:
+                load = functools.partial(decode_records, path, fmt, start, stop, keep)
+                tasks.append(ChunkTask(load, count, f"{path.name} records {start}..{stop - 1}"))
+    return tasks
+
+
+def labels_in_files(paths: Iterable[Path], fmt: EtlFormat) -> set[str]:
+    """Every character present in the given files (reads only the label fields)."""
+    found: set[str] = set()
+    for path in paths:
+        found.update(np.unique(etl_label(fmt, read_records(path, fmt))).tolist())
+    return found

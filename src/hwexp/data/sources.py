@@ -1,0 +1,168 @@
+"""The pluggable sources of character images, one interface for all.
+
+A source turns configuration into (a) a JSON description of everything its samples depend
+on, which keys the cache, and (b) a list of :class:`~hwexp.data.raw.ChunkTask`, built only
+when the cache has no entry. Sources: the ETL formats, ``kmnist``/``k49``, ``folder`` (a
+user's image tree) and ``synthetic`` (rendered handwriting, no files needed).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from hwexp.data import etl, folder, kmnist
+from hwexp.data.cache import file_signature
+from hwexp.data.errors import ConfigError, DataError
+from hwexp.data.raw import ChunkTask, RawChunk
+
+ETL_SOURCES = ("etl1c", "etl8g", "etl9g", "etl8b2", "etl9b")
+KMNIST_SOURCES = ("kmnist", "k49")
+SOURCES = (*ETL_SOURCES, *KMNIST_SOURCES, "folder", "synthetic")
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """What the cache needs to find or build one source's prepared arrays."""
+
+    name: str
+    description: dict
+    make_tasks: Callable[[], Sequence[ChunkTask]]
+
+
+def plan_source(name: str, classes: Sequence[str], data_dir: Path, options: Mapping) -> SourcePlan:
+    """The plan of source ``name`` restricted to ``classes``.
+
+    ``options`` holds the source's own settings: ``path`` and ``writer_from_name`` for
+    ``folder``; the renderer options (plus ``writers``, ``first_writer``) for ``synthetic``.
+
+    Raises:
+        ConfigError: unknown source or bad option; DatasetFilesMissing: files absent;
+        DataError: the source lacks some of the classes.
+    """
+    keep = frozenset(classes)
+    base = {"source": name, "classes": list(classes)}
+    if name in ETL_SOURCES:
+        fmt = etl.FORMATS[name]
+        paths = etl.etl_files(data_dir, fmt)
+        _require_classes(name, classes, etl.labels_in_files(paths, fmt))
+        description = base | {"files": [file_signature(p) for p in paths]}
+        return SourcePlan(name, description, functools.partial(etl.etl_tasks, paths, fmt, keep))
+    if name in KMNIST_SOURCES:
+        root = kmnist.check_kmnist_files(data_dir, name)
+        _require_classes(name, classes, kmnist.read_classmap(root / kmnist.classmap_file(name)))
+        files = sorted(p for p in root.iterdir() if p.name.startswith(name))
+        description = base | {"files": [file_signature(p) for p in files]}
+        return SourcePlan(
+            name, description, functools.partial(kmnist.kmnist_tasks, data_dir, name, keep)
+        )
+    if name == "folder":
+        return _plan_folder(classes, keep, options, base)
+    if name == "synthetic":
+        return _plan_synthetic(classes, options, base)
+    raise ConfigError(f"unknown source {name!r}; choose one of {list(SOURCES)}")
+
+
+def _require_classes(source: str, classes: Sequence[str], available: Sequence[str] | set) -> None:
+    missing = [c for c in classes if c not in set(available)]
+    if missing:
+        shown = "".join(missing[:40]) + (
+            f" (+{len(missing) - 40} more)" if len(missing) > 40 else ""
+        )
+        raise DataError(
+            f"source {source!r} has no samples of {len(missing)} requested class(es): {shown}. "
+            "Choose a class set the source covers (dataset.classes) or another source."
+        )
+
+
+def _plan_folder(classes: Sequence[str], keep: frozenset[str], options: Mapping, base: dict):
+    path = options.get("path")
+    if not path:
+        raise ConfigError("dataset=folder needs dataset.path=<directory of <character>/<image>>")
+    root = Path(path).expanduser().resolve()
+    items = folder.list_folder_images(root)
+    present = {char for _, char in items}
+    _require_classes("folder", classes, present)
+    writer_from_name = bool(options.get("writer_from_name", False))
+    signature = [
+        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p, char in items
+        if char in keep
+    ]
+    description = base | {
+        "root": str(root),
+        "images": signature,
+        "writer_from_name": writer_from_name,
+    }
+    return SourcePlan(
+        "folder",
+        description,
+        functools.partial(folder.folder_tasks, root, keep, writer_from_name),
+    )
+
+
+def _plan_synthetic(classes: Sequence[str], options: Mapping, base: dict) -> SourcePlan:
+    try:
+        from hwexp.synth.kanjivg import missing_characters
+        from hwexp.synth.options import SynthOptions
+    except ImportError as error:  # the renderer is an optional part of the package
+        raise ConfigError(
+            f"source 'synthetic' is not available in this installation ({error}); "
+            "choose a source with files (see the README's dataset table)"
+        ) from error
+    settings = dict(options)
+    writers = int(settings.pop("writers", 0))
+    first_writer = int(settings.pop("first_writer", 0))
+    settings.pop("chunk_writers", None)
+    if writers < 3:
+        raise ConfigError(f"synthetic.writers={writers}: render at least 3 writers")
+    synth_options = SynthOptions.from_config(settings)
+    missing = missing_characters(classes)
+    if missing:
+        raise DataError(
+            f"the synthetic renderer has no strokes for {len(missing)} character(s): "
+            f"{''.join(missing)}; drop them from dataset.classes or use another source"
+        )
+    try:
+        renderer_version = metadata.version("kanjivg")
+    except metadata.PackageNotFoundError:
+        renderer_version = "unknown"
+    description = base | {
+        "writers": [first_writer, first_writer + writers],
+        "renderer": settings,
+        "kanjivg": renderer_version,
+        "synth_format": getattr(synth_options, "FORMAT", 1),
+    }
+    chunk_writers = max(1, int(options.get("chunk_writers", max(1, 4096 // max(1, len(classes))))))
+
+    def make_tasks() -> list[ChunkTask]:
+        tasks = []
+        for start in range(first_writer, first_writer + writers, chunk_writers):
+            ids = tuple(range(start, min(start + chunk_writers, first_writer + writers)))
+            load = functools.partial(render_writers, tuple(classes), ids, synth_options)
+            tasks.append(
+                ChunkTask(load, len(ids) * len(classes), f"synthetic writers {ids[0]}..{ids[-1]}")
+            )
+        return tasks
+
+    return SourcePlan("synthetic", description, make_tasks)
+
+
+def render_writers(chars: tuple[str, ...], writers: tuple[int, ...], options) -> RawChunk:
+    """Render every char for each writer seed in ``writers`` into one chunk."""
+    from hwexp.synth.render import render_writer
+
+    parts = [render_writer(chars, writer, options) for writer in writers]
+    meta_keys = set(parts[0].meta)
+    return RawChunk(
+        images=np.concatenate([p.images for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        writers=np.concatenate([p.writers for p in parts]),
+        ink=parts[0].ink,
+        meta={k: np.concatenate([p.meta[k] for p in parts]) for k in meta_keys},
+    )

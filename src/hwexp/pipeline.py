@@ -1,0 +1,131 @@
+"""tf.data input pipelines over ``SplitArrays``.
+
+Images stay where they are (a possibly read-only ``np.memmap`` of several GB): the datasets
+carry sample *indices*, and each batch is gathered from the arrays by a numpy call, so only
+one batch at a time is copied into memory. Batches are ``(images, labels)`` with images
+``(b, S, S, 1)`` uint8 (the model rescales) and labels ``(b,)`` int32.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tensorflow as tf
+
+if TYPE_CHECKING:
+    from hwexp.data.dataset import SplitArrays
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batches:
+    """A batched dataset and the number of batches that make one epoch.
+
+    ``infinite`` datasets (weighted sampling across sources) repeat forever; pass
+    ``steps_per_epoch`` to ``model.fit``. Finite ones end after ``steps_per_epoch`` batches.
+    """
+
+    dataset: tf.data.Dataset
+    steps_per_epoch: int
+    infinite: bool
+
+
+def _gather_fn(split: SplitArrays) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """numpy: sorted indices -> (images (b, S, S, 1) uint8, labels (b,) int32)."""
+
+    def gather(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        indices = np.sort(indices)  # ascending reads are kinder to a memmap
+        images = np.asarray(split.images[indices], dtype=np.uint8)[..., np.newaxis]
+        return images, np.asarray(split.labels[indices], dtype=np.int32)
+
+    return gather
+
+
+def _batches_of(
+    indices: tf.data.Dataset, split: SplitArrays, batch_size: int, drop_remainder: bool
+) -> tf.data.Dataset:
+    """Batch an index dataset and gather each batch from ``split``; prefetch."""
+    size = split.images.shape[1]
+    gather = _gather_fn(split)
+
+    def load(batch_indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images, labels = tf.numpy_function(gather, [batch_indices], (tf.uint8, tf.int32))
+        images.set_shape((None, size, size, 1))
+        labels.set_shape((None,))
+        return images, labels
+
+    return (
+        indices.batch(batch_size, drop_remainder=drop_remainder)
+        .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def _index_dataset(indices: np.ndarray) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices(indices.astype(np.int64))
+
+
+def sampling_weights(split: SplitArrays, source_weights: Mapping[str, float]) -> dict[str, float]:
+    """Normalised sampling weight per source present in ``split`` (sum 1).
+
+    Sources present in the split but missing from ``source_weights`` (or weighted 0) are not
+    sampled; a warning says so. Raises ValueError when no present source has a positive weight.
+    """
+    present = sorted(set(np.unique(split.sources).tolist()))
+    unweighted = [s for s in present if source_weights.get(s, 0.0) <= 0]
+    if unweighted:
+        log.warning("training sources without a positive weight are not sampled: %s", unweighted)
+    weights = {s: float(source_weights[s]) for s in present if s not in unweighted}
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError(f"no training source has a positive weight: {dict(source_weights)}")
+    return {s: w / total for s, w in weights.items()}
+
+
+def training_batches(
+    split: SplitArrays,
+    batch_size: int,
+    seed: int,
+    source_weights: Mapping[str, float] | None = None,
+) -> Batches:
+    """Shuffled training batches, reshuffled every epoch from ``seed``.
+
+    With more than one weighted source, samples are drawn per source (each source reshuffled
+    on every pass through it) with probabilities ``sampling_weights``, forever; an epoch is
+    then ``len(split) // batch_size`` batches. Otherwise an epoch is one pass over the split.
+    The last partial batch is dropped (batch-norm dislikes tiny batches) unless the split is
+    smaller than one batch.
+    """
+    n = len(split.labels)
+    if n == 0:
+        raise ValueError("the training split is empty")
+    drop_remainder = n >= batch_size
+    steps = n // batch_size if drop_remainder else 1
+    weights = sampling_weights(split, source_weights) if source_weights else {}
+    if len(weights) > 1:
+        per_source = []
+        for offset, source in enumerate(weights, start=1):
+            members = np.flatnonzero(split.sources == source)
+            per_source.append(
+                _index_dataset(members)
+                .shuffle(len(members), seed=seed + offset, reshuffle_each_iteration=True)
+                .repeat()
+            )
+        mixed = tf.data.Dataset.sample_from_datasets(
+            per_source, weights=list(weights.values()), seed=seed
+        )
+        return Batches(_batches_of(mixed, split, batch_size, drop_remainder=True), steps, True)
+    indices = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    return Batches(_batches_of(indices, split, batch_size, drop_remainder), steps, False)
+
+
+def evaluation_batches(split: SplitArrays, batch_size: int) -> Batches:
+    """All samples of ``split`` once, in order, in batches (the last may be partial)."""
+    n = len(split.labels)
+    steps = -(-n // batch_size)
+    return Batches(_batches_of(tf.data.Dataset.range(n), split, batch_size, False), steps, False)

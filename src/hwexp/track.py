@@ -1,0 +1,492 @@
+"""MLflow tracking: the only hwexp module that imports mlflow.
+
+A ``Tracker`` is one MLflow run, driven through ``MlflowClient`` (no global "active run"
+state, so parent/child runs and several trackers at once are explicit and safe).
+
+Default store: ``sqlite:///<abs mlruns_dir>/mlflow.db`` with artifacts under
+``<abs mlruns_dir>/artifacts`` (set explicitly when the experiment is created: MLflow >= 3.13
+refuses the plain ``./mlruns`` file store, and absolute paths make Hydra's working directory
+irrelevant). Any other tracking URI (e.g. ``http://127.0.0.1:5000``) can be passed instead.
+
+What a run holds once ``hwexp.train.train_and_evaluate`` is done with it:
+
+* params: the flattened, resolved config (``trainer.lr``, ``model.widths``, ...);
+* tags: ``dataset``, ``source``, ``num_classes``, ``image_size``, ``model``, ``hostname``,
+  ``git_commit`` (and ``mlflow.source.git.commit``) when the code is in a git checkout;
+* per-epoch metrics under Keras' log names (``loss``, ``accuracy``, ``val_loss``,
+  ``learning_rate``, ...; step = completed epochs) and summary metrics (``test/accuracy``, ...);
+* artifacts: ``config.yaml``, ``model/model.keras`` + ``model/classes.txt``,
+  ``evaluation/*.csv|md|png``, ``training/history.csv`` and ``training/curves.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import logging
+import math
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import keras
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import (
+    MAX_ENTITY_KEY_LENGTH,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+)
+from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from matplotlib.font_manager import FontProperties
+
+    from hwexp.train import EvaluationReport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "hwexp"
+REMOTE_SCHEMES = ("http://", "https://", "databricks")
+# Fonts tried first when looking for one that draws Japanese; any font whose character map
+# covers kana and kanji is accepted otherwise.
+PREFERRED_CJK_FONTS = (
+    "Noto Sans CJK JP",
+    "Noto Sans JP",
+    "Source Han Sans JP",
+    "IPAexGothic",
+    "IPAGothic",
+    "TakaoGothic",
+    "Hiragino Sans",
+    "Yu Gothic",
+    "MS Gothic",
+    "VL Gothic",
+    "Droid Sans Fallback",
+)
+# Distinct glyphs for these prove real coverage; fallback fonts such as matplotlib's bundled
+# "Last Resort" map whole Unicode blocks to one placeholder glyph.
+_CJK_PROBE = "あいアイ漢字"
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def default_tracking_uri(mlruns_dir: str | Path) -> str:
+    """``sqlite:///<absolute mlruns_dir>/mlflow.db`` (creates ``mlruns_dir``)."""
+    root = Path(mlruns_dir).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def flatten_config(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
+    """Nested (resolved) config -> ``{"trainer.lr": "0.001", ...}``; lists stay one value
+    (``"[32, 64]"``); values longer than MLflow's limit (6000 chars) are truncated."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, prefix=f"{name}."))
+        else:
+            flat[name[:MAX_ENTITY_KEY_LENGTH]] = str(value)[:MAX_PARAM_VAL_LENGTH]
+    return flat
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _git(*args: str) -> str | None:
+    """Output of a git command run in this source tree, or None (no git, no repo, no commit)."""
+    try:
+        done = subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def provenance_tags() -> dict[str, str]:
+    """``hostname``, and ``git_commit`` / ``git_dirty`` / ``mlflow.source.git.commit`` when
+    this code runs from a git checkout with at least one commit."""
+    tags = {"hostname": socket.gethostname()}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags.update({"git_commit": commit, MLFLOW_GIT_COMMIT: commit})
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        if status is not None:
+            tags["git_dirty"] = str(bool(status)).lower()
+    return tags
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    buffer = io.StringIO()
+    columns = list(columns or (rows[0].keys() if rows else []))
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- CJK text
+
+
+@functools.lru_cache(maxsize=1)
+def cjk_font_path() -> str | None:
+    """Path of an installed font that draws kana and kanji (preferred families first), or None."""
+    from matplotlib import font_manager, ft2font
+
+    entries = sorted(
+        font_manager.fontManager.ttflist,
+        key=lambda f: (
+            PREFERRED_CJK_FONTS.index(f.name)
+            if f.name in PREFERRED_CJK_FONTS
+            else len(PREFERRED_CJK_FONTS)
+        ),
+    )
+    for entry in entries:
+        try:
+            charmap = ft2font.FT2Font(entry.fname).get_charmap()
+        except (OSError, RuntimeError, ValueError):
+            continue
+        glyphs = [charmap.get(ord(c)) for c in _CJK_PROBE]
+        if None not in glyphs and len(set(glyphs)) == len(glyphs):
+            return entry.fname
+    return None
+
+
+def codepoints(chars: str) -> str:
+    """``"あ"`` -> ``"U+3042"`` (space-separated for several characters)."""
+    return " ".join(f"U+{ord(c):04X}" for c in chars)
+
+
+def pair_text(true: str, predicted: str) -> tuple[str, FontProperties | None]:
+    """How to draw ``true→predicted``: the characters with a CJK font when one is installed,
+    else their code points (``U+3046→U+3042``) in the default font. Returns (text, font)."""
+    path = cjk_font_path()
+    if path is not None:
+        from matplotlib.font_manager import FontProperties
+
+        return f"{true}→{predicted}", FontProperties(fname=path)
+    return f"{codepoints(true)}→{codepoints(predicted)}", None
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def misclassified_figure(report: EvaluationReport, indices: np.ndarray, columns: int = 6) -> Figure:
+    """A grid of test images, each titled ``true→predicted (confidence)``."""
+    rows = max(1, math.ceil(len(indices) / columns))
+    figure = Figure(figsize=(columns * 1.6, rows * 1.9), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    images = report.images[np.asarray(indices, dtype=np.int64)] if len(indices) else []
+    for axis in axes.flat:
+        axis.set_axis_off()
+    for axis, image, index in zip(axes.flat, images, indices, strict=False):
+        true_char = report.classes[report.labels[index]]
+        predicted_char = report.classes[report.predicted[index]]
+        text, font = pair_text(true_char, predicted_char)
+        axis.imshow(image, cmap="gray", vmin=0, vmax=255)
+        axis.set_title(
+            f"{text}\n{report.top_k_probs[index, 0]:.0%}", fontproperties=font, fontsize=9
+        )
+    if not len(indices):
+        figure.text(0.5, 0.5, "no misclassified samples", ha="center", va="center")
+    return figure
+
+
+def confusion_figure(pairs: Sequence[tuple[str, str, int]]) -> Figure:
+    """Horizontal bars: count of each most-confused (true → predicted) pair, most at the top."""
+    figure = Figure(figsize=(6, 0.35 * max(len(pairs), 3) + 1), layout="constrained")
+    axis = figure.subplots()
+    labels = [pair_text(true, predicted) for true, predicted, _ in pairs]
+    positions = np.arange(len(pairs))[::-1]
+    axis.barh(positions, [count for _, _, count in pairs], color="tab:red")
+    axis.set_yticks(positions, [text for text, _ in labels])
+    for tick, (_, font) in zip(axis.get_yticklabels(), labels, strict=True):
+        if font is not None:
+            tick.set_fontproperties(font)
+    axis.set_xlabel("test samples")
+    axis.set_title("most confused pairs (true → predicted)")
+    return figure
+
+
+def curves_figure(history: Mapping[str, Sequence[float]]) -> Figure:
+    """Loss, accuracy (train/val, top-5) and learning rate against completed epochs."""
+    panels = [
+        ("loss", ["loss", "val_loss"], False),
+        ("accuracy", ["accuracy", "val_accuracy", "top5_accuracy", "val_top5_accuracy"], False),
+        ("learning rate", ["learning_rate"], True),
+    ]
+    figure = Figure(figsize=(13, 3.6), layout="constrained")
+    for axis, (title, keys, log_scale) in zip(figure.subplots(1, 3), panels, strict=True):
+        for key in keys:
+            values = history.get(key)
+            if values:
+                axis.plot(range(1, len(values) + 1), values, marker=".", label=key)
+        if log_scale and any(v > 0 for v in history.get("learning_rate", [])):
+            axis.set_yscale("log")
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if axis.has_data():
+            axis.legend(fontsize=8)
+    return figure
+
+
+# --------------------------------------------------------------------------- tracker
+
+
+class Tracker:
+    """One MLflow run. Create with ``Tracker.start`` / ``from_config`` / ``child``; use as a
+    context manager (ends FINISHED, or FAILED when an exception escapes, KILLED on Ctrl-C).
+
+    All ``log_*`` methods write straight to the store; files go through a temporary
+    directory, never the working directory.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self._ended = False
+
+    # ----------------------------------------------------------------- creation
+
+    @classmethod
+    def start(
+        cls,
+        experiment: str = DEFAULT_EXPERIMENT,
+        *,
+        tracking_uri: str | None = None,
+        mlruns_dir: str | Path = "mlruns",
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        parent: Tracker | None = None,
+    ) -> Tracker:
+        """Start a run in ``experiment`` (created if needed).
+
+        ``tracking_uri`` None: ``default_tracking_uri(mlruns_dir)``. For local stores the
+        experiment's artifact location is ``<abs mlruns_dir>/artifacts``; remote servers
+        (``http(s)://``, databricks) choose their own. ``parent``: make this a nested run.
+        """
+        uri = tracking_uri or default_tracking_uri(mlruns_dir)
+        client = MlflowClient(tracking_uri=uri)
+        artifacts = None
+        if not uri.startswith(REMOTE_SCHEMES):
+            artifact_root = Path(mlruns_dir).expanduser().resolve() / "artifacts"
+            artifact_root.mkdir(parents=True, exist_ok=True)
+            artifacts = artifact_root.as_uri()
+        experiment_id = _experiment_id(client, experiment, artifacts)
+        all_tags = {**provenance_tags(), **(tags or {})}
+        if parent is not None:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent.run_id
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        log.info("MLflow run %s in experiment %r at %s", run.info.run_id, experiment, uri)
+        return cls(client, run.info.run_id, experiment_id)
+
+    @classmethod
+    def from_config(
+        cls,
+        tracking_cfg: Mapping[str, Any],
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        parent: Tracker | None = None,
+    ) -> Tracker | None:
+        """A run as ``conf/tracking/mlflow.yaml`` says (``uri``, ``mlruns_dir``, ``experiment``,
+        ``run_name``), or None when ``enabled`` is false. ``run_name`` overrides the config."""
+        if not tracking_cfg.get("enabled", True):
+            return None
+        return cls.start(
+            tracking_cfg["experiment"],
+            tracking_uri=tracking_cfg["uri"],
+            mlruns_dir=tracking_cfg["mlruns_dir"],
+            run_name=run_name or tracking_cfg.get("run_name"),
+            tags=tags,
+            parent=parent,
+        )
+
+    def child(self, run_name: str | None = None, tags: Mapping[str, str] | None = None) -> Tracker:
+        """A nested run (same experiment, ``mlflow.parentRunId`` = this run)."""
+        all_tags = {**provenance_tags(), **(tags or {}), MLFLOW_PARENT_RUN_ID: self.run_id}
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        return Tracker(self.client, run.info.run_id, self.experiment_id)
+
+    @property
+    def artifact_uri(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
+
+    # ----------------------------------------------------------------- life cycle
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the run ``FINISHED`` | ``FAILED`` | ``KILLED`` (once; later calls do nothing)."""
+        if not self._ended:
+            self.client.set_terminated(self.run_id, status)
+            self._ended = True
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.end("FINISHED")
+        else:
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+    # ----------------------------------------------------------------- values
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (values stringified, truncated to 6000 chars), 100 per request."""
+        entries = [
+            Param(key[:MAX_ENTITY_KEY_LENGTH], str(value)[:MAX_PARAM_VAL_LENGTH])
+            for key, value in params.items()
+        ]
+        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=chunk)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        entries = [RunTag(key, str(value)) for key, value in tags.items()]
+        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=chunk)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Log numeric metrics at ``step``; non-numeric values are skipped with a warning."""
+        now = int(time.time() * 1000)
+        entries = []
+        for key, value in metrics.items():
+            try:
+                entries.append(Metric(key, float(value), now, step))
+            except (TypeError, ValueError):
+                log.warning("metric %r is not a number (%r); not logged", key, value)
+        for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def log_config(self, cfg: Mapping[str, Any] | DictConfig) -> None:
+        """The resolved config as params (flattened) and as ``config.yaml``."""
+        config = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+        self.log_params(flatten_config(config))
+        self.log_text(OmegaConf.to_yaml(config, resolve=True), "config.yaml")
+
+    # ----------------------------------------------------------------- files
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Write ``text`` (UTF-8) to the run's artifact path ``artifact_file``."""
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure: Figure, artifact_file: str) -> None:
+        """Save a matplotlib figure (PNG at 110 dpi) as ``artifact_file``."""
+        self.client.log_figure(self.run_id, figure, artifact_file, save_kwargs={"dpi": 110})
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_model(self, model: keras.Model, classes: Sequence[str]) -> None:
+        """``model/model.keras`` and ``model/classes.txt`` (one class per line, UTF-8; line i
+        is the character of output i)."""
+        if any("\n" in c for c in classes):
+            raise ValueError("a class name contains a newline; classes.txt would be ambiguous")
+        with tempfile.TemporaryDirectory(prefix="hwexp-model-") as tmp:
+            folder = Path(tmp) / "model"
+            folder.mkdir()
+            model.save(folder / "model.keras")
+            (folder / "classes.txt").write_text("".join(f"{c}\n" for c in classes), "utf-8")
+            self.client.log_artifacts(self.run_id, str(folder), "model")
+
+    def log_evaluation(
+        self, report: EvaluationReport, pairs: int = 20, misclassified: int = 36
+    ) -> None:
+        """Per-class/writer/source tables, the ``pairs`` most-confused pairs (CSV, markdown,
+        PNG) and a grid of up to ``misclassified`` confident errors, under ``evaluation/``."""
+        self.log_text(_csv_text(report.per_class()), "evaluation/per_class.csv")
+        self.log_text(_csv_text(report.per_writer()), "evaluation/per_writer.csv")
+        self.log_text(_csv_text(report.per_source()), "evaluation/per_source.csv")
+        confused = report.confusion_pairs(pairs)
+        rows = [
+            {
+                "true": true,
+                "predicted": predicted,
+                "count": count,
+                "true_codepoint": codepoints(true),
+                "predicted_codepoint": codepoints(predicted),
+            }
+            for true, predicted, count in confused
+        ]
+        columns = ["true", "predicted", "count", "true_codepoint", "predicted_codepoint"]
+        self.log_text(_csv_text(rows, columns), "evaluation/confusion_pairs.csv")
+        self.log_text(_markdown_table(rows, columns), "evaluation/confusion_pairs.md")
+        self.log_figure(confusion_figure(confused), "evaluation/confusion_pairs.png")
+        self.log_figure(
+            misclassified_figure(report, report.misclassified(misclassified)),
+            "evaluation/misclassified.png",
+        )
+
+    def log_history(self, history: Mapping[str, Sequence[float]]) -> None:
+        """Per-epoch Keras logs as ``training/history.csv`` and ``training/curves.png``."""
+        epochs = max((len(v) for v in history.values()), default=0)
+        keys = sorted(history)
+        rows = [
+            {"epoch": e + 1, **{k: history[k][e] for k in keys if e < len(history[k])}}
+            for e in range(epochs)
+        ]
+        self.log_text(_csv_text(rows, ["epoch", *keys]), "training/history.csv")
+        self.log_figure(curves_figure(history), "training/curves.png")
+
+    def keras_callback(self) -> keras.callbacks.Callback:
+        """A Keras callback logging each epoch's logs (Keras names, step = completed epochs)."""
+        return _EpochMetricsCallback(self)
+
+
+class _EpochMetricsCallback(keras.callbacks.Callback):
+    def __init__(self, tracker: Tracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.tracker.log_metrics(logs or {}, step=epoch + 1)
+
+
+def _markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """Id of experiment ``name``: restored if deleted, created if missing (a concurrent
+    creation by another process is tolerated)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id

@@ -1,0 +1,586 @@
+"""Train a model on ``PreparedSplits`` and evaluate it on the test split.
+
+Configuration (a ``DictConfig`` or nested mapping) is read from these groups:
+``model`` and ``augment`` (see ``hwexp.model``), ``trainer`` (``conf/trainer/default.yaml``)
+and ``callbacks`` (``conf/callbacks/default.yaml``). Tracking is optional: pass a
+``hwexp.track.Tracker`` and everything (config, per-epoch metrics, test metrics, model,
+plots) is logged to its run; this module never imports mlflow itself.
+
+Epochs are counted from 1 (``epoch`` = number of completed epochs) in tracked metrics and in
+the per-epoch hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from hwexp.model import build_model, strip_augmentation
+from hwexp.pipeline import evaluation_batches, training_batches
+
+if TYPE_CHECKING:
+    from hwexp.data.dataset import PreparedSplits, SplitArrays
+    from hwexp.track import Tracker
+
+log = logging.getLogger(__name__)
+
+EpochHook = Callable[[int, dict[str, float]], None]
+"""Called after every epoch with (completed epochs, Keras logs incl. ``learning_rate``).
+Raising stops training: the exception propagates out of ``fit``/``train_and_evaluate``."""
+
+TOP_K = 5
+ONECYCLE_WARMUP_FRACTION = 0.3  # share of all steps spent warming up
+ONECYCLE_START_DIVISOR = 25.0  # warm-up starts at lr / 25 (also cosine warm-up)
+ONECYCLE_END_FRACTION = 1e-4  # anneals to lr * 1e-4
+
+
+# --------------------------------------------------------------------------- compile
+
+
+@keras.saving.register_keras_serializable(package="hwexp")
+class SparseSmoothedCrossentropy(keras.losses.Loss):
+    """Cross-entropy of probability outputs against integer labels with label smoothing.
+
+    Equals ``CategoricalCrossentropy(label_smoothing=s)`` on one-hot labels:
+    ``(1 - s) * -log p[y] + s * mean_c(-log p[c])``, without materialising one-hot labels
+    (which ``SparseCategoricalCrossentropy`` cannot smooth).
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "smoothed_crossentropy", **kw):
+        super().__init__(name=name, **kw)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        epsilon = keras.config.epsilon()
+        log_probs = ops.log(ops.clip(ops.cast(y_pred, "float32"), epsilon, 1.0))
+        labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+        true_nll = -ops.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+        uniform_nll = -ops.mean(log_probs, axis=-1)
+        return (1.0 - self.label_smoothing) * true_nll + self.label_smoothing * uniform_nll
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def learning_rate(
+    trainer_cfg: Mapping[str, Any], steps_per_epoch: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The learning rate (per optimizer step) of ``trainer_cfg.lr_schedule``.
+
+    ``constant``: ``lr``. ``cosine``: optional linear warm-up over ``warmup_epochs`` from
+    ``lr / 25``, then cosine decay to 0 at the last step of ``epochs``. ``onecycle``: linear
+    warm-up from ``lr / 25`` over the first 30 % of all steps, then cosine annealing to
+    ``lr * 1e-4`` (no momentum cycling).
+    """
+    lr = float(trainer_cfg["lr"])
+    schedule = trainer_cfg["lr_schedule"]
+    total_steps = max(1, int(trainer_cfg["epochs"]) * steps_per_epoch)
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        warmup = min(total_steps - 1, int(trainer_cfg["warmup_epochs"]) * steps_per_epoch)
+    elif schedule == "onecycle":
+        warmup = int(ONECYCLE_WARMUP_FRACTION * total_steps)
+    else:
+        raise ValueError(f"unknown lr_schedule {schedule!r}: constant | cosine | onecycle")
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(lr, total_steps)
+    return keras.optimizers.schedules.CosineDecay(
+        lr / ONECYCLE_START_DIVISOR,
+        decay_steps=total_steps - warmup,
+        warmup_target=lr,
+        warmup_steps=warmup,
+        alpha=ONECYCLE_END_FRACTION if schedule == "onecycle" else 0.0,
+    )
+
+
+def make_optimizer(
+    trainer_cfg: Mapping[str, Any], steps_per_epoch: int
+) -> keras.optimizers.Optimizer:
+    """``adam`` | ``adamw`` | ``sgd`` (Nesterov, ``momentum``) with ``learning_rate(...)``.
+
+    ``weight_decay`` > 0 is decoupled weight decay (any optimizer; AdamW's default is 0.004 when
+    unset, here it is what the config says) and spares biases and batch-norm parameters.
+    """
+    name = trainer_cfg["optimizer"]
+    lr = learning_rate(trainer_cfg, steps_per_epoch)
+    weight_decay = float(trainer_cfg["weight_decay"]) or None
+    if name == "adam":
+        optimizer = keras.optimizers.Adam(lr, weight_decay=weight_decay)
+    elif name == "adamw":
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=weight_decay or 0.0)
+    elif name == "sgd":
+        momentum = float(trainer_cfg["momentum"])
+        optimizer = keras.optimizers.SGD(
+            lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay
+        )
+    else:
+        raise ValueError(f"unknown optimizer {name!r}: adam | adamw | sgd")
+    if weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
+def compile_model(model: keras.Model, trainer_cfg: Mapping[str, Any], steps_per_epoch: int) -> None:
+    """Compile with the configured optimizer, (smoothed) sparse cross-entropy, accuracy and
+    top-5 accuracy (log keys ``accuracy``, ``top5_accuracy``)."""
+    smoothing = float(trainer_cfg["label_smoothing"])
+    loss = (
+        SparseSmoothedCrossentropy(smoothing)
+        if smoothing > 0
+        else keras.losses.SparseCategoricalCrossentropy()
+    )
+    num_classes = model.output_shape[-1]
+    model.compile(
+        optimizer=make_optimizer(trainer_cfg, steps_per_epoch),
+        loss=loss,
+        metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+            keras.metrics.SparseTopKCategoricalAccuracy(
+                k=min(TOP_K, num_classes), name="top5_accuracy"
+            ),
+        ],
+    )
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """Adds ``learning_rate`` (at the end of the epoch, after any reduction) and
+    ``samples_per_second`` (training batches only, validation excluded) to each epoch's logs,
+    and keeps each epoch's training seconds and samples."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self._epoch_start = 0.0
+        self._train_end: float | None = None
+        self._batches = 0
+        self.epoch_seconds: list[float] = []
+        self.epoch_samples: list[int] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start, self._train_end, self._batches = time.perf_counter(), None, 0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._batches += 1
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        if self._train_end is None:  # the first evaluation of an epoch is its validation
+            self._train_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        seconds = (self._train_end or time.perf_counter()) - self._epoch_start
+        samples = self._batches * self.batch_size
+        self.epoch_seconds.append(seconds)
+        self.epoch_samples.append(samples)
+        logs["samples_per_second"] = samples / seconds if seconds > 0 else 0.0
+        logs["learning_rate"] = float(ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def steady_samples_per_second(self) -> float:
+        """Training throughput over all epochs but the first (which includes graph tracing),
+        or over the first when it is the only one."""
+        seconds = sum(self.epoch_seconds[1:]) or sum(self.epoch_seconds)
+        samples = sum(self.epoch_samples[1:]) or sum(self.epoch_samples)
+        return samples / seconds if seconds > 0 else 0.0
+
+
+class EpochHookCallback(keras.callbacks.Callback):
+    """Calls ``hook(completed epochs, logs)`` after every epoch; see ``EpochHook``."""
+
+    def __init__(self, hook: EpochHook) -> None:
+        super().__init__()
+        self.hook = hook
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.hook(epoch + 1, dict(logs or {}))
+
+
+def make_callbacks(
+    callbacks_cfg: Mapping[str, Any], lr_schedule: str = "constant"
+) -> list[keras.callbacks.Callback]:
+    """EarlyStopping, ReduceLROnPlateau and ModelCheckpoint from their config blocks
+    (each has ``enabled``). ReduceLROnPlateau needs a constant schedule; with another it is
+    skipped with a warning."""
+    chosen: list[keras.callbacks.Callback] = []
+    reduce_cfg = callbacks_cfg["reduce_lr"]
+    if reduce_cfg["enabled"] and lr_schedule != "constant":
+        log.warning("callbacks.reduce_lr ignored: it cannot change a %s lr schedule", lr_schedule)
+    elif reduce_cfg["enabled"]:
+        chosen.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=reduce_cfg["monitor"],
+                factor=float(reduce_cfg["factor"]),
+                patience=int(reduce_cfg["patience"]),
+                min_delta=float(reduce_cfg["min_delta"]),
+                min_lr=float(reduce_cfg["min_lr"]),
+                verbose=1,
+            )
+        )
+    stop_cfg = callbacks_cfg["early_stopping"]
+    if stop_cfg["enabled"]:
+        chosen.append(
+            keras.callbacks.EarlyStopping(
+                monitor=stop_cfg["monitor"],
+                mode=stop_cfg["mode"],
+                patience=int(stop_cfg["patience"]),
+                min_delta=float(stop_cfg["min_delta"]),
+                restore_best_weights=bool(stop_cfg["restore_best_weights"]),
+                verbose=1,
+            )
+        )
+    checkpoint_cfg = callbacks_cfg["checkpoint"]
+    if checkpoint_cfg["enabled"]:
+        chosen.append(
+            keras.callbacks.ModelCheckpoint(
+                str(checkpoint_cfg["path"]),
+                monitor=checkpoint_cfg["monitor"],
+                mode=checkpoint_cfg["mode"],
+                save_best_only=bool(checkpoint_cfg["save_best_only"]),
+            )
+        )
+    return chosen
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def mixed_precision_supported() -> bool:
+    """True when a visible GPU has compute capability >= 7.0 (tensor cores for float16)."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        if capability and capability >= (7, 0):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str) -> Iterator[None]:
+    """Set Keras' global dtype policy for the duration of the block, then restore it."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def chosen_dtype_policy(trainer_cfg: Mapping[str, Any]) -> str:
+    """``mixed_float16`` if asked for and supported, else ``float32`` (with a warning)."""
+    if not trainer_cfg["mixed_precision"]:
+        return "float32"
+    if mixed_precision_supported():
+        return "mixed_float16"
+    log.warning("trainer.mixed_precision ignored: no GPU with compute capability >= 7.0")
+    return "float32"
+
+
+# --------------------------------------------------------------------------- fit
+
+
+@dataclass
+class FitResult:
+    """A trained model (with its augmentation layers) and how training went."""
+
+    model: keras.Model
+    history: dict[str, list[float]]  # Keras log key -> one value per completed epoch
+    epochs_run: int
+    stopped_early: bool  # an EarlyStopping callback ended training before trainer.epochs
+    train_seconds: float  # wall time in training batches (validation excluded)
+    samples_per_second: float  # training throughput, first (tracing) epoch excluded if possible
+    dtype_policy: str
+
+
+def fit(
+    splits: PreparedSplits,
+    cfg: Mapping[str, Any],
+    extra_callbacks: list[keras.callbacks.Callback] | None = None,
+    epoch_hook: EpochHook | None = None,
+) -> FitResult:
+    """Build and train ``cfg.model`` on ``splits.train``, validating on ``splits.val``.
+
+    Seeds Python, numpy and TF from ``trainer.seed``. ``extra_callbacks`` run after the
+    configured ones and see ``learning_rate``/``samples_per_second`` in their logs;
+    ``epoch_hook`` runs after them. Returns the model as trained (best weights restored when
+    early stopping says so).
+    """
+    trainer_cfg = cfg["trainer"]
+    seed, batch_size = int(trainer_cfg["seed"]), int(trainer_cfg["batch_size"])
+    keras.utils.set_random_seed(seed)
+    train = training_batches(splits.train, batch_size, seed, splits.source_weights)
+    val = evaluation_batches(splits.val, batch_size)
+    policy = chosen_dtype_policy(trainer_cfg)
+    with dtype_policy(policy):
+        model = build_model(
+            cfg["model"], cfg["augment"], len(splits.classes), splits.image_size, seed=seed
+        )
+    compile_model(model, trainer_cfg, train.steps_per_epoch)
+    configured = make_callbacks(cfg["callbacks"], trainer_cfg["lr_schedule"])
+    recorder = EpochRecorder(batch_size)
+    # Order matters: the recorder runs after ReduceLROnPlateau (so it logs the reduced rate)
+    # and before the extra callbacks (so a tracker sees learning_rate); the hook runs last, so
+    # an epoch is tracked before the hook can abort training.
+    callbacks = [*configured, recorder, *(extra_callbacks or [])]
+    if epoch_hook is not None:
+        callbacks.append(EpochHookCallback(epoch_hook))
+    history = model.fit(
+        train.dataset,
+        epochs=int(trainer_cfg["epochs"]),
+        steps_per_epoch=train.steps_per_epoch if train.infinite else None,
+        validation_data=val.dataset,
+        callbacks=callbacks,
+        shuffle=False,  # the dataset shuffles itself
+        verbose=trainer_cfg["verbose"],
+    )
+    epochs_run = len(history.epoch)
+    stopped = any(
+        isinstance(c, keras.callbacks.EarlyStopping) and c.stopped_epoch > 0 for c in configured
+    )
+    return FitResult(
+        model=model,
+        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        epochs_run=epochs_run,
+        stopped_early=stopped,
+        train_seconds=sum(recorder.epoch_seconds),
+        samples_per_second=recorder.steady_samples_per_second(),
+        dtype_policy=policy,
+    )
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class EvaluationReport:
+    """Predictions on one split and the statistics derived from them.
+
+    ``top_k[i]`` are the k most probable class indices of sample i, best first, with
+    probabilities ``top_k_probs[i]``; ``true_probs[i]`` is the probability of its true class.
+    ``images`` is the split's image array (not copied), for pictures of errors.
+    """
+
+    classes: tuple[str, ...]
+    labels: np.ndarray  # (n,) int
+    top_k: np.ndarray  # (n, k) int
+    top_k_probs: np.ndarray  # (n, k) float32
+    true_probs: np.ndarray  # (n,) float32
+    writers: np.ndarray  # (n,) str
+    sources: np.ndarray  # (n,) str
+    images: np.ndarray = field(repr=False)  # (n, S, S) uint8
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.top_k[:, 0]
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.predicted == self.labels
+
+    def per_class(self) -> list[dict[str, Any]]:
+        """One row per class: ``char``, ``codepoint``, ``support``, ``correct``, ``accuracy``
+        (recall; NaN without support), ``precision``, ``f1`` (0 when undefined)."""
+        n_classes = len(self.classes)
+        support = np.bincount(self.labels, minlength=n_classes)
+        hits = np.bincount(self.labels[self.correct], minlength=n_classes)
+        predicted = np.bincount(self.predicted, minlength=n_classes)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall = hits / support
+            precision = np.where(predicted > 0, hits / np.maximum(predicted, 1), 0.0)
+            f1 = np.where(support + predicted > 0, 2 * hits / (support + predicted), 0.0)
+        return [
+            {
+                "char": char,
+                "codepoint": " ".join(f"U+{ord(c):04X}" for c in char),
+                "support": int(support[i]),
+                "correct": int(hits[i]),
+                "accuracy": float(recall[i]),
+                "precision": float(precision[i]),
+                "f1": float(f1[i]),
+            }
+            for i, char in enumerate(self.classes)
+        ]
+
+    def _grouped(self, keys: np.ndarray, key_name: str) -> list[dict[str, Any]]:
+        names, inverse = np.unique(keys, return_inverse=True)
+        counts = np.bincount(inverse, minlength=len(names))
+        hits = np.bincount(inverse[self.correct], minlength=len(names))
+        rows = [
+            {
+                key_name: str(name),
+                "samples": int(counts[i]),
+                "correct": int(hits[i]),
+                "accuracy": float(hits[i] / counts[i]),
+            }
+            for i, name in enumerate(names)
+        ]
+        return sorted(rows, key=lambda row: (row["accuracy"], row[key_name]))
+
+    def per_writer(self) -> list[dict[str, Any]]:
+        """One row per writer (``writer``, ``samples``, ``correct``, ``accuracy``), worst first."""
+        return self._grouped(self.writers, "writer")
+
+    def per_source(self) -> list[dict[str, Any]]:
+        """One row per source (``source``, ``samples``, ``correct``, ``accuracy``), worst first."""
+        return self._grouped(self.sources, "source")
+
+    def confusion_pairs(self, limit: int = 20) -> list[tuple[str, str, int]]:
+        """The ``limit`` most frequent (true char, predicted char, count) errors, most first
+        (ties: by true then predicted class index)."""
+        wrong = ~self.correct
+        n_classes = len(self.classes)
+        pair_ids, counts = np.unique(
+            self.labels[wrong].astype(np.int64) * n_classes + self.predicted[wrong],
+            return_counts=True,
+        )
+        order = np.lexsort((pair_ids, -counts))[:limit]
+        return [
+            (
+                self.classes[pair_ids[i] // n_classes],
+                self.classes[pair_ids[i] % n_classes],
+                int(counts[i]),
+            )
+            for i in order
+        ]
+
+    def misclassified(self, limit: int = 36) -> np.ndarray:
+        """Indices of up to ``limit`` wrong predictions, the most confident mistakes first."""
+        wrong = np.flatnonzero(~self.correct)
+        return wrong[np.argsort(-self.top_k_probs[wrong, 0], kind="stable")[:limit]]
+
+    def metrics(self, prefix: str = "test") -> dict[str, float]:
+        """Scalar metrics: ``accuracy``, ``top5_accuracy`` (top-k, k = min(5, classes)),
+        ``loss`` (mean NLL), ``macro_f1`` and ``balanced_accuracy`` (over classes present),
+        ``class_accuracy_min``, ``writer_accuracy_{mean,min,p10}``,
+        ``source/<name>/accuracy`` and ``samples``, all under ``<prefix>/``."""
+        n = len(self.labels)
+        if n == 0:
+            return {f"{prefix}/samples": 0.0}
+        per_class = self.per_class()
+        present = [row for row in per_class if row["support"] > 0]
+        writer_acc = np.array([row["accuracy"] for row in self.per_writer()])
+        out = {
+            "samples": float(n),
+            "accuracy": float(np.mean(self.correct)),
+            "top5_accuracy": float(np.mean(np.any(self.top_k == self.labels[:, None], axis=1))),
+            "loss": float(np.mean(-np.log(np.clip(self.true_probs, 1e-7, 1.0)))),
+            "macro_f1": float(np.mean([row["f1"] for row in present])),
+            "balanced_accuracy": float(np.mean([row["accuracy"] for row in present])),
+            "class_accuracy_min": float(min(row["accuracy"] for row in present)),
+            "writer_accuracy_mean": float(writer_acc.mean()),
+            "writer_accuracy_min": float(writer_acc.min()),
+            "writer_accuracy_p10": float(np.percentile(writer_acc, 10)),
+        }
+        for row in self.per_source():
+            out[f"source/{row['source']}/accuracy"] = row["accuracy"]
+        return {f"{prefix}/{key}": value for key, value in out.items()}
+
+
+def evaluate(
+    model: keras.Model, split: SplitArrays, classes: tuple[str, ...], batch_size: int = 256
+) -> EvaluationReport:
+    """Predict every sample of ``split`` in inference mode and keep the top-k per sample
+    (never the full (n, classes) probability matrix, which is GBs for kanji)."""
+    k = min(TOP_K, len(classes))
+    top_k, top_k_probs, true_probs = [], [], []
+    for images, labels in evaluation_batches(split, batch_size).dataset.as_numpy_iterator():
+        probs = np.asarray(model.predict_on_batch(images), dtype=np.float32)
+        best = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+        best_probs = np.take_along_axis(probs, best, axis=1)
+        order = np.argsort(-best_probs, axis=1, kind="stable")
+        top_k.append(np.take_along_axis(best, order, axis=1))
+        top_k_probs.append(np.take_along_axis(best_probs, order, axis=1))
+        true_probs.append(probs[np.arange(len(labels)), labels])
+    # evaluation_batches gathers each batch in index order, so rows match the split's order.
+    return EvaluationReport(
+        classes=tuple(classes),
+        labels=np.asarray(split.labels, dtype=np.int64),
+        top_k=np.concatenate(top_k).astype(np.int64) if top_k else np.zeros((0, k), np.int64),
+        top_k_probs=np.concatenate(top_k_probs) if top_k else np.zeros((0, k), np.float32),
+        true_probs=np.concatenate(true_probs) if top_k else np.zeros(0, np.float32),
+        writers=np.asarray(split.writers),
+        sources=np.asarray(split.sources),
+        images=split.images,
+    )
+
+
+# --------------------------------------------------------------------------- together
+
+
+def run_tags(splits: PreparedSplits, cfg: Mapping[str, Any]) -> dict[str, str]:
+    """Tags describing what a run trained on: dataset, sources, class count, image size, model."""
+    sources = sorted(set(np.unique(splits.train.sources).tolist()) | set(splits.source_weights))
+    return {
+        "dataset": splits.name,
+        "source": ",".join(sources),
+        "num_classes": str(len(splits.classes)),
+        "image_size": str(splits.image_size),
+        "model": str(cfg["model"]["name"]),
+    }
+
+
+def train_and_evaluate(
+    splits: PreparedSplits,
+    cfg: Mapping[str, Any],
+    tracker: Tracker | None = None,
+    epoch_hook: EpochHook | None = None,
+) -> dict[str, float]:
+    """Train ``cfg.model`` on ``splits`` and evaluate the result on the test split.
+
+    Returns flat metrics: ``test/*`` (see ``EvaluationReport.metrics``), ``val/accuracy``
+    (best epoch), ``val/loss`` (best epoch), ``val/top5_accuracy`` (at the best-accuracy
+    epoch), ``train/epochs``, ``train/seconds``, ``train/samples_per_second``,
+    ``train/stopped_early`` (0/1). With a ``tracker``, also logs config, tags, per-epoch
+    metrics, these metrics, the inference model with ``classes.txt``, and report files.
+    ``epoch_hook`` (see ``EpochHook``) may raise to abort, e.g. an Optuna pruner.
+    """
+    extra = []
+    if tracker is not None:
+        tracker.log_config(cfg)
+        tracker.set_tags(run_tags(splits, cfg))
+        extra.append(tracker.keras_callback())
+    result = fit(splits, cfg, extra_callbacks=extra, epoch_hook=epoch_hook)
+    inference_model = strip_augmentation(result.model)
+    report = evaluate(
+        inference_model, splits.test, splits.classes, int(cfg["trainer"]["batch_size"])
+    )
+    metrics = {**report.metrics("test"), **_fit_metrics(result)}
+    if tracker is not None:
+        tracker.set_tags({"dtype_policy": result.dtype_policy})
+        tracker.log_metrics(metrics)
+        tracker.log_model(inference_model, splits.classes)
+        tracker.log_evaluation(report)
+        tracker.log_history(result.history)
+    return metrics
+
+
+def _fit_metrics(result: FitResult) -> dict[str, float]:
+    history = result.history
+    out = {
+        "train/epochs": float(result.epochs_run),
+        "train/seconds": result.train_seconds,
+        "train/samples_per_second": result.samples_per_second,
+        "train/stopped_early": float(result.stopped_early),
+    }
+    if history.get("val_accuracy"):
+        best = int(np.nanargmax(history["val_accuracy"]))
+        out["val/accuracy"] = history["val_accuracy"][best]
+        if "val_top5_accuracy" in history:
+            out["val/top5_accuracy"] = history["val_top5_accuracy"][best]
+    if history.get("val_loss"):
+        out["val/loss"] = float(np.nanmin(history["val_loss"]))
+    return {k: v for k, v in out.items() if math.isfinite(v)}

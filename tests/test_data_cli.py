@@ -1,0 +1,53 @@
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from etl_fixtures import make_etl8g_tree
+
+
+def run_cli(root, *args):
+    env = os.environ | {"HWEXP_ROOT": str(root)}
+    return subprocess.run(
+        [sys.executable, "-m", "hwexp.data", *args],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_prepare_stats_show(tmp_path):
+    make_etl8g_tree(tmp_path / "data" / "raw", "あいう")
+    base = ["dataset=hiragana", "dataset.classes='chars:あいう'", "workers=1"]
+    prepared = run_cli(tmp_path, "prepare", *base)
+    assert prepared.returncode == 0, prepared.stderr
+    assert "etl8g: 96 images (48, 48)" in prepared.stdout
+
+    stats = run_cli(tmp_path, "stats", *base)
+    assert stats.returncode == 0, stats.stderr
+    assert "96 samples, 3 classes, 32 writers" in stats.stdout
+    assert "あ      32" in stats.stdout
+    assert "test:" in stats.stdout and "writers" in stats.stdout
+
+    output = tmp_path / "grid.png"
+    shown = run_cli(tmp_path, "show", *base, f"show.output={output}", "show.per_class=4")
+    assert shown.returncode == 0, shown.stderr
+    grid = Image.open(output)
+    assert grid.size == (5 * 48, 3 * 48)
+    assert not (tmp_path / "outputs").exists()  # data commands leave no Hydra folders
+
+
+def test_missing_files_exit_1_with_message(tmp_path):
+    result = run_cli(tmp_path, "prepare", "dataset=kanji3036")
+    assert result.returncode == 1
+    assert "ETL9G files missing" in result.stderr
+    assert "dataset.source=synthetic" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_usage_on_unknown_command(tmp_path):
+    result = run_cli(tmp_path, "frobnicate")
+    assert result.returncode == 2 and "usage" in result.stderr

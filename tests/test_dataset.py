@@ -1,0 +1,258 @@
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_config import data_config
+from etl_fixtures import make_etl8b2_tree, make_etl8g_tree
+from hwexp.data import cache
+from hwexp.data.dataset import ImageView, load_splits, prepare_sources
+from hwexp.data.errors import ConfigError, DataError, DatasetFilesMissing, UnreadableImage
+
+HIRA = "あいう"
+KANJI = "亜"
+
+
+@pytest.fixture
+def etl8g_root(tmp_path):
+    make_etl8g_tree(tmp_path / "raw", HIRA + KANJI)
+    return tmp_path
+
+
+def classes_override(chars: str) -> str:
+    return f"dataset.classes='chars:{chars}'"
+
+
+def test_class_set_filters_etl8g_and_labels_are_characters(etl8g_root):
+    cfg = data_config(etl8g_root, "dataset=hiragana", classes_override(HIRA))
+    splits = load_splits(cfg, progress=False)
+    assert splits.classes == tuple(HIRA)
+    total = len(splits.train) + len(splits.val) + len(splits.test)
+    assert total == 32 * len(HIRA)
+    train_chars = {splits.classes[i] for i in splits.train.labels}
+    assert train_chars == set(HIRA)
+    assert splits.train.images.shape[1:] == (48, 48)
+    assert set(splits.train.sources) == {"etl8g"}
+
+
+def test_writer_split_shares_no_writer(etl8g_root):
+    splits = load_splits(
+        data_config(etl8g_root, "dataset=hiragana", classes_override(HIRA)), progress=False
+    )
+    groups = [set(s.writers) for s in (splits.train, splits.val, splits.test)]
+    assert (
+        not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
+    )
+    assert all(groups)
+
+
+def test_cache_is_reused_and_invalidated_by_option_or_file_change(etl8g_root):
+    cfg = data_config(etl8g_root, "dataset=hiragana", classes_override(HIRA))
+    first = prepare_sources(cfg, progress=False)["etl8g"]
+    stamp = (first.path / "images.npy").stat().st_mtime_ns
+    again = prepare_sources(cfg, progress=False)["etl8g"]
+    assert again.path == first.path
+    assert (again.path / "images.npy").stat().st_mtime_ns == stamp
+
+    other = prepare_sources(
+        data_config(
+            etl8g_root, "dataset=hiragana", classes_override(HIRA), "preprocess.margin=0.2"
+        ),
+        progress=False,
+    )["etl8g"]
+    assert other.path != first.path
+    assert not np.array_equal(np.asarray(other.images), np.asarray(first.images))
+
+    raw = etl8g_root / "raw" / "ETL8G" / "ETL8G_05"
+    data = bytearray(raw.read_bytes())
+    data[100] ^= 0xFF  # change an image byte of the first record
+    raw.write_bytes(bytes(data))
+    changed = prepare_sources(cfg, progress=False)["etl8g"]
+    assert changed.path != first.path
+    assert first.path.exists()  # the old entry is intact
+
+
+def _prepare_in_process(root: str, queue) -> None:
+    cfg = data_config(Path(root), "dataset=hiragana", classes_override(HIRA))
+    source = prepare_sources(cfg, progress=False)["etl8g"]
+    queue.put((str(source.path), np.asarray(source.images).sum()))
+
+
+def test_two_processes_preparing_at_once_get_one_whole_entry(etl8g_root):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [
+        context.Process(target=_prepare_in_process, args=(str(etl8g_root), queue)) for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    results = [queue.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=60)
+        assert w.exitcode == 0
+    assert results[0] == results[1]
+    entries = [p for p in (etl8g_root / "data" / "cache").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and not entries[0].name.startswith(".")
+
+
+def test_failed_build_leaves_no_entry(tmp_path):
+    from hwexp.data.preprocess import PreprocessOptions
+    from hwexp.data.raw import ChunkTask
+
+    def broken():
+        raise RuntimeError("disk on fire")
+
+    tasks = [ChunkTask(broken, 3, "broken chunk")]
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        cache.load_or_prepare(
+            tmp_path, "x", "set", {"a": 1}, lambda: tasks, PreprocessOptions(), progress=False
+        )
+    assert [p for p in tmp_path.iterdir() if p.is_dir()] == []
+
+
+def test_parallel_workers_give_same_arrays_as_one(etl8g_root):
+    one = prepare_sources(
+        data_config(etl8g_root, "dataset=hiragana", classes_override(HIRA)), progress=False
+    )["etl8g"]
+    images_one = np.asarray(one.images).copy()
+    labels_one = one.labels.copy()
+    cache_dir = etl8g_root / "cache2"
+    two = prepare_sources(
+        data_config(
+            etl8g_root,
+            "dataset=hiragana",
+            classes_override(HIRA),
+            "workers=2",
+            f"paths.cache_dir={cache_dir}",
+        ),
+        progress=False,
+    )["etl8g"]
+    np.testing.assert_array_equal(np.asarray(two.images), images_one)
+    np.testing.assert_array_equal(two.labels, labels_one)
+
+
+def test_mixture_keeps_sources_apart_and_weights(tmp_path):
+    make_etl8g_tree(tmp_path / "raw", HIRA)
+    make_etl8b2_tree(tmp_path / "raw", HIRA)
+    cfg = data_config(
+        tmp_path,
+        "dataset=hiragana",
+        classes_override(HIRA),
+        "dataset.source=[etl8g,etl8b2]",
+        "+dataset.weights.etl8b2=0.25",
+    )
+    splits = load_splits(cfg, progress=False)
+    assert splits.source_weights == {"etl8g": 1.0, "etl8b2": 0.25}
+    for part in (splits.train, splits.val, splits.test):
+        assert set(part.sources) == {"etl8g", "etl8b2"}
+        for source in ("etl8g", "etl8b2"):
+            writers = set(part.writers[part.sources == source])
+            assert all(w.startswith(source.upper()) for w in writers)
+    assert len(splits.test) == len(splits.test.images)
+
+
+def test_random_split_is_80_20_and_seeded(etl8g_root):
+    cfg = data_config(etl8g_root, "dataset=hiragana", classes_override(HIRA), "split=random")
+    a = load_splits(cfg, progress=False)
+    b = load_splits(cfg, progress=False)
+    n = len(a.train) + len(a.val) + len(a.test)
+    assert abs(len(a.test) / n - 0.2) < 0.03
+    np.testing.assert_array_equal(a.test.writers, b.test.writers)
+    c = load_splits(
+        data_config(
+            etl8g_root, "dataset=hiragana", classes_override(HIRA), "split=random", "seed=7"
+        ),
+        progress=False,
+    )
+    assert not np.array_equal(np.asarray(a.test.images), np.asarray(c.test.images))
+
+
+def test_missing_raw_files_fail_clearly_without_fallback(tmp_path):
+    cfg = data_config(tmp_path, "dataset=kanji3036")
+    with pytest.raises(DatasetFilesMissing, match="ETL9G_01.*dataset.source=synthetic"):
+        load_splits(cfg, progress=False)
+    assert not (tmp_path / "data" / "cache").exists() or not any(
+        p.is_dir() for p in (tmp_path / "data" / "cache").iterdir()
+    )
+
+
+def test_source_lacking_classes_is_reported(etl8g_root):
+    cfg = data_config(etl8g_root, "dataset=hiragana", classes_override("あかさ"))
+    with pytest.raises(DataError, match="2 requested class"):
+        load_splits(cfg, progress=False)
+
+
+def test_unknown_source_and_weights_are_config_errors(etl8g_root):
+    with pytest.raises(ConfigError, match="unknown source"):
+        load_splits(data_config(etl8g_root, "dataset.source=etl42"), progress=False)
+    cfg = data_config(
+        etl8g_root, "dataset=hiragana", classes_override(HIRA), "+dataset.weights.synthetic=2"
+    )
+    with pytest.raises(ConfigError, match="weights"):
+        load_splits(cfg, progress=False)
+
+
+def _draw(path: Path, dark_ink: bool, shift: int) -> None:
+    background, ink = (255, 20) if dark_ink else (0, 230)
+    image = Image.new("L", (60, 80), background)
+    pixels = np.array(image)
+    pixels[20 + shift : 60 + shift, 25:32] = ink
+    pixels[35:40, 10:50] = ink
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def test_folder_source_detects_polarity_and_writers(tmp_path):
+    root = tmp_path / "mine"
+    for writer in range(4):
+        for char in "木本":
+            _draw(root / char / f"w{writer}_{char}.png", dark_ink=writer % 2 == 0, shift=writer)
+    cfg = data_config(
+        tmp_path, "dataset=folder", f"dataset.path={root}", "dataset.writer_from_name=true"
+    )
+    splits = load_splits(cfg, progress=False)
+    assert splits.classes == ("木", "本")  # auto: folder names in code point order
+    everything = np.concatenate(
+        [np.asarray(s.images) for s in (splits.train, splits.val, splits.test)]
+    )
+    # both polarities normalise to bright ink on black
+    assert (everything.mean(axis=(1, 2)) < 100).all()
+    writers = np.concatenate([s.writers for s in (splits.train, splits.val, splits.test)])
+    assert set(writers) == {f"folder:w{i}" for i in range(4)}
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    root = tmp_path / "mine"
+    for writer in range(3):
+        _draw(root / "木" / f"{writer}.png", True, 0)
+    bad = root / "木" / "broken.png"
+    bad.write_bytes(b"not a png")
+    cfg = data_config(tmp_path, "dataset=folder", f"dataset.path={root}")
+    with pytest.raises(UnreadableImage, match="broken.png"):
+        load_splits(cfg, progress=False)
+
+
+def test_image_view_indexes_like_an_array():
+    a = np.arange(5 * 2 * 2, dtype=np.uint8).reshape(5, 2, 2)
+    b = 100 + np.arange(3 * 2 * 2, dtype=np.uint8).reshape(3, 2, 2)
+    view = ImageView([(a, np.array([4, 0])), (b, np.array([2]))], (2, 2))
+    expected = np.stack([a[4], a[0], b[2]])
+    assert len(view) == 3 and view.shape == (3, 2, 2)
+    np.testing.assert_array_equal(np.asarray(view), expected)
+    np.testing.assert_array_equal(view[[2, 0]], expected[[2, 0]])
+    np.testing.assert_array_equal(view[1], expected[1])
+    np.testing.assert_array_equal(view[-1], expected[-1])
+    np.testing.assert_array_equal(view[1:], expected[1:])
+    with pytest.raises(IndexError):
+        view[[3]]
+
+
+def test_cache_dir_holds_no_temporary_leftovers(etl8g_root):
+    prepare_sources(
+        data_config(etl8g_root, "dataset=hiragana", classes_override(HIRA)), progress=False
+    )
+    names = os.listdir(etl8g_root / "data" / "cache")
+    assert not [n for n in names if n.startswith(".")]

@@ -1,0 +1,158 @@
+"""hwexp.track against a real sqlite MLflow store in tmp_path."""
+
+from __future__ import annotations  # noqa: I001 (_train_helpers must precede keras: env vars)
+
+from _train_helpers import CLASSES, glyph_splits, tiny_config
+
+from pathlib import Path
+
+import keras
+import pytest
+from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from hwexp import track
+from hwexp.track import Tracker, default_tracking_uri, flatten_config, pair_text
+from hwexp.train import train_and_evaluate
+
+
+def artifact_files(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    files = set()
+    for entry in client.list_artifacts(run_id, path):
+        files |= artifact_files(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return files
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory) -> tuple[MlflowClient, str, dict[str, float], Path]:
+    """One real training run (2 epochs) tracked into a fresh sqlite store."""
+    mlruns = tmp_path_factory.mktemp("tracking") / "mlruns"
+    cfg = tiny_config("article", augment="on", mlruns_dir=mlruns)
+    cfg.tracking.experiment = "test-experiment"
+    splits = glyph_splits(
+        sources=("etl8g", "synthetic"), source_weights={"etl8g": 2, "synthetic": 1}
+    )
+    with Tracker.from_config(cfg.tracking, run_name="tiny") as tracker:
+        metrics = train_and_evaluate(splits, cfg, tracker)
+    return MlflowClient(default_tracking_uri(mlruns)), tracker.run_id, metrics, mlruns
+
+
+def test_default_store_is_sqlite_with_artifacts_under_mlruns(tracked_run) -> None:
+    client, run_id, _, mlruns = tracked_run
+    assert (mlruns / "mlflow.db").is_file()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "tiny"
+    assert run.info.artifact_uri.startswith((mlruns / "artifacts").resolve().as_uri())
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "test-experiment"
+
+
+def test_params_and_tags(tracked_run) -> None:
+    client, run_id, _, _ = tracked_run
+    data = client.get_run(run_id).data
+    assert data.params["trainer.lr"] == "0.001"
+    assert data.params["model.name"] == "article"
+    assert data.params["model.filters"] == "[8, 16]"
+    assert data.params["augment.enabled"] == "True"
+    assert data.params["trainer.seed"] == "0"  # ${seed} resolved
+    assert data.tags["dataset"] == "glyphs"
+    assert data.tags["source"] == "etl8g,synthetic"
+    assert data.tags["num_classes"] == str(len(CLASSES))
+    assert data.tags["model"] == "article"
+    assert data.tags["hostname"]
+    assert data.tags["dtype_policy"] == "float32"
+
+
+def test_per_epoch_and_test_metrics(tracked_run) -> None:
+    client, run_id, metrics, _ = tracked_run
+    for key in ("loss", "val_loss", "val_accuracy", "learning_rate", "samples_per_second"):
+        history = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in history) == [1, 2], key
+    logged = client.get_run(run_id).data.metrics
+    for key in ("test/accuracy", "test/top5_accuracy", "test/macro_f1", "val/accuracy"):
+        assert logged[key] == pytest.approx(metrics[key]), key
+    assert "test/source/synthetic/accuracy" in logged
+
+
+def test_artifacts(tracked_run, tmp_path) -> None:
+    client, run_id, metrics, _ = tracked_run
+    assert artifact_files(client, run_id) >= {
+        "config.yaml",
+        "model/model.keras",
+        "model/classes.txt",
+        "evaluation/per_class.csv",
+        "evaluation/per_writer.csv",
+        "evaluation/per_source.csv",
+        "evaluation/confusion_pairs.csv",
+        "evaluation/confusion_pairs.md",
+        "evaluation/confusion_pairs.png",
+        "evaluation/misclassified.png",
+        "training/history.csv",
+        "training/curves.png",
+    }
+    local = Path(client.download_artifacts(run_id, "", str(tmp_path)))
+    assert (local / "model/classes.txt").read_text("utf-8").splitlines() == list(CLASSES)
+    assert "lr: 0.001" in (local / "config.yaml").read_text("utf-8")
+    assert (local / "evaluation/misclassified.png").read_bytes()[:4] == b"\x89PNG"
+    per_class = (local / "evaluation/per_class.csv").read_text("utf-8").splitlines()
+    assert per_class[0].startswith("char,codepoint,support") and len(per_class) == 1 + len(CLASSES)
+    # The logged model is the inference model: standard layers only, loads without hwexp.
+    model = keras.saving.load_model(local / "model/model.keras")
+    assert not any(type(layer).__name__.startswith("Random") for layer in model.layers)
+    assert model.output_shape == (None, len(CLASSES))
+
+
+def test_nested_runs_and_failed_status(tmp_path) -> None:
+    mlruns = tmp_path / "mlruns"
+    with Tracker.start("nested", mlruns_dir=mlruns, run_name="sweep") as parent:
+        with parent.child("trial-0") as child:
+            child.log_metrics({"score": 0.5}, step=3)
+        with pytest.raises(RuntimeError), parent.child("trial-1") as failing:
+            raise RuntimeError("boom")
+    client = MlflowClient(default_tracking_uri(mlruns))
+    assert client.get_run(child.run_id).data.tags[MLFLOW_PARENT_RUN_ID] == parent.run_id
+    assert client.get_run(child.run_id).info.status == "FINISHED"
+    assert client.get_run(failing.run_id).info.status == "FAILED"
+    assert client.get_run(parent.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(child.run_id, "score")] == [3]
+
+
+def test_many_and_long_params_are_batched_and_truncated(tmp_path) -> None:
+    config = {"group": {f"key{i:03d}": i for i in range(250)}, "long": "x" * 7000}
+    flat = flatten_config(config)
+    assert len(flat["long"]) == 6000 and flat["group.key007"] == "7"
+    with Tracker.start("params", mlruns_dir=tmp_path / "mlruns") as tracker:
+        tracker.log_config(config)
+    params = MlflowClient(default_tracking_uri(tmp_path / "mlruns")).get_run(tracker.run_id)
+    assert len(params.data.params) == 251
+    assert len(params.data.params["long"]) == 6000
+
+
+def test_class_text_falls_back_to_code_points_without_a_cjk_font(monkeypatch) -> None:
+    monkeypatch.setattr(track, "cjk_font_path", lambda: None)
+    assert pair_text("あ", "お") == ("U+3042→U+304A", None)
+    monkeypatch.setattr(track, "cjk_font_path", lambda: "/fonts/NotoSansCJK.ttc")
+    text, font = pair_text("あ", "お")
+    assert text == "あ→お" and font.get_file() == "/fonts/NotoSansCJK.ttc"
+
+
+def test_cjk_font_search_rejects_placeholder_fonts() -> None:
+    track.cjk_font_path.cache_clear()
+    path = track.cjk_font_path()
+    # matplotlib bundles "LastResortHE", which maps every kana to one placeholder glyph.
+    assert path is None or "LastResort" not in Path(path).name
+    if path is not None:
+        from matplotlib import ft2font
+
+        charmap = ft2font.FT2Font(path).get_charmap()
+        assert charmap[ord("あ")] != charmap[ord("い")]
+
+
+def test_figures_render_without_errors() -> None:
+    history = {"loss": [1.0, 0.5], "val_loss": [1.1, 0.7], "learning_rate": [1e-3, 5e-4]}
+    figure = track.curves_figure(history)
+    assert len(figure.axes) == 3 and figure.axes[2].get_yscale() == "log"
+    assert len(track.confusion_figure([("あ", "お", 3), ("い", "り", 1)]).axes[0].patches) == 2
+    empty = track.confusion_figure([])
+    assert list(empty.axes[0].patches) == []

@@ -1,0 +1,261 @@
+"""hwexp.pipeline and hwexp.train: batches, compile options, callbacks, evaluation."""
+
+from __future__ import annotations  # noqa: I001 (_train_helpers must precede keras: env vars)
+
+from _train_helpers import CLASSES, glyph_split, glyph_splits, tiny_config
+
+import keras
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from hwexp.data.dataset import SplitArrays
+from hwexp.pipeline import evaluation_batches, sampling_weights, training_batches
+from hwexp.train import (
+    EvaluationReport,
+    SparseSmoothedCrossentropy,
+    chosen_dtype_policy,
+    fit,
+    learning_rate,
+    make_optimizer,
+    mixed_precision_supported,
+    train_and_evaluate,
+)
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def numbered_split(n: int, size: int = 4, sources: tuple[str, ...] = ("a",)) -> SplitArrays:
+    """Image i is filled with i % 256 and labelled i, so a batch shows which rows it holds."""
+    return SplitArrays(
+        images=np.repeat((np.arange(n) % 256).astype(np.uint8), size * size).reshape(n, size, size),
+        labels=np.arange(n, dtype=np.int32),
+        writers=np.array([f"w{i % 3}" for i in range(n)]),
+        sources=np.array([sources[i % len(sources)] for i in range(n)]),
+    )
+
+
+def epoch_labels(dataset, steps: int) -> list[int]:
+    return [int(v) for _, labels in dataset.take(steps).as_numpy_iterator() for v in labels]
+
+
+def test_training_batches_reshuffle_each_epoch_from_a_seed_and_read_a_memmap(tmp_path) -> None:
+    split = numbered_split(100)
+    path = tmp_path / "images.u8"
+    split.images.tofile(path)
+    split.images = np.memmap(path, np.uint8, "r", shape=split.images.shape)
+    batches = training_batches(split, batch_size=10, seed=7)
+    assert (batches.steps_per_epoch, batches.infinite) == (10, False)
+
+    first, second = epoch_labels(batches.dataset, 10), epoch_labels(batches.dataset, 10)
+    assert sorted(first) == list(range(100)) == sorted(second)  # each epoch: every sample once
+    assert first != second  # reshuffled
+    again = training_batches(split, batch_size=10, seed=7)
+    assert epoch_labels(again.dataset, 10) == first  # same seed, same order
+
+    images, labels = next(batches.dataset.as_numpy_iterator())
+    assert images.dtype == np.uint8 and images.shape == (10, 4, 4, 1)
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(images[:, 0, 0, 0], labels % 256)  # rows match labels
+
+
+def test_training_drops_the_last_partial_batch_but_evaluation_keeps_order() -> None:
+    split = numbered_split(25)
+    train = training_batches(split, batch_size=10, seed=0)
+    assert train.steps_per_epoch == 2
+    assert [len(labels) for _, labels in train.dataset.as_numpy_iterator()] == [10, 10]
+    evaluation = evaluation_batches(split, batch_size=10)
+    assert evaluation.steps_per_epoch == 3
+    assert epoch_labels(evaluation.dataset, 3) == list(range(25))
+
+
+def test_weighted_sampling_draws_sources_in_proportion() -> None:
+    split = numbered_split(200, sources=("etl8g", "synthetic"))
+    assert sampling_weights(split, {"etl8g": 3.0, "synthetic": 1.0, "absent": 5.0}) == {
+        "etl8g": 0.75,
+        "synthetic": 0.25,
+    }
+    batches = training_batches(split, 50, seed=1, source_weights={"etl8g": 3.0, "synthetic": 1.0})
+    assert batches.infinite and batches.steps_per_epoch == 4
+    drawn = np.array(epoch_labels(batches.dataset, 80))  # 4000 draws
+    share_etl8g = np.mean(split.sources[drawn] == "etl8g")
+    assert 0.72 < share_etl8g < 0.78
+    with pytest.raises(ValueError, match="positive weight"):
+        sampling_weights(split, {"etl8g": 0.0})
+
+
+# --------------------------------------------------------------------------- compile parts
+
+
+def test_smoothed_loss_equals_categorical_crossentropy_with_label_smoothing() -> None:
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(5), size=6).astype(np.float32)
+    labels = rng.integers(0, 5, 6)
+    reference = keras.losses.CategoricalCrossentropy(label_smoothing=0.2)
+    expected = float(reference(np.eye(5, dtype=np.float32)[labels], probs))
+    assert float(SparseSmoothedCrossentropy(0.2)(labels, probs)) == pytest.approx(expected, 1e-5)
+
+
+def test_learning_rate_schedules() -> None:
+    base = {"lr": 0.01, "epochs": 10, "warmup_epochs": 0}
+    assert learning_rate({**base, "lr_schedule": "constant"}, 100) == 0.01
+    cosine = learning_rate({**base, "lr_schedule": "cosine"}, 100)
+    assert float(cosine(0)) == pytest.approx(0.01)
+    assert float(cosine(500)) == pytest.approx(0.005, rel=1e-3)
+    assert float(cosine(1000)) == pytest.approx(0.0, abs=1e-8)
+    onecycle = learning_rate({**base, "lr_schedule": "onecycle"}, 100)
+    assert float(onecycle(0)) == pytest.approx(0.01 / 25)
+    assert float(onecycle(300)) == pytest.approx(0.01)  # peak after 30 % of the steps
+    assert float(onecycle(1000)) == pytest.approx(0.01 * 1e-4, rel=1e-2)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        learning_rate({**base, "lr_schedule": "step"}, 100)
+
+
+def test_optimizers_from_config() -> None:
+    base = {"lr": 0.01, "epochs": 1, "lr_schedule": "constant", "momentum": 0.9}
+    adamw = make_optimizer({**base, "optimizer": "adamw", "weight_decay": 1e-4}, 10)
+    assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == 1e-4
+    sgd = make_optimizer({**base, "optimizer": "sgd", "weight_decay": 0.0}, 10)
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.nesterov and sgd.weight_decay is None
+    adam = make_optimizer({**base, "optimizer": "adam", "weight_decay": 0.0}, 10)
+    assert float(adam.learning_rate) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="optimizer"):
+        make_optimizer({**base, "optimizer": "lion", "weight_decay": 0.0}, 10)
+
+
+def test_mixed_precision_only_where_supported() -> None:
+    assert chosen_dtype_policy({"mixed_precision": False}) == "float32"
+    expected = "mixed_float16" if mixed_precision_supported() else "float32"
+    assert chosen_dtype_policy({"mixed_precision": True}) == expected
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def no_callbacks(cfg) -> None:
+    for name in ("early_stopping", "reduce_lr", "checkpoint"):
+        cfg.callbacks[name].enabled = False
+
+
+def test_early_stopping_fires_on_a_plateau() -> None:
+    cfg = tiny_config("article", **{"trainer.lr": 0.0, "trainer.epochs": 10})
+    no_callbacks(cfg)
+    cfg.callbacks.early_stopping.update(enabled=True, patience=1, monitor="val_loss")
+    result = fit(glyph_splits(n_train=64, n_eval=32), cfg)
+    # lr = 0: val_loss never improves after epoch 1, so training stops after epoch 1 + patience.
+    assert result.epochs_run == 2
+    assert result.stopped_early
+
+
+def test_reduce_lr_fires_on_a_plateau() -> None:
+    cfg = tiny_config("article", **{"trainer.lr": 1e-9, "trainer.epochs": 3})
+    no_callbacks(cfg)
+    cfg.callbacks.reduce_lr.update(enabled=True, patience=1, factor=0.5, min_lr=0.0)
+    result = fit(glyph_splits(n_train=64, n_eval=32), cfg)
+    # epoch 1 sets the best val_loss; epochs 2 and 3 do not improve by min_delta -> halve twice
+    np.testing.assert_allclose(result.history["learning_rate"], [1e-9, 5e-10, 2.5e-10], rtol=1e-5)
+    assert not result.stopped_early
+
+
+def test_checkpoint_writes_the_best_model(tmp_path) -> None:
+    cfg = tiny_config("article", **{"trainer.epochs": 1})
+    no_callbacks(cfg)
+    cfg.callbacks.checkpoint.update(enabled=True, path=str(tmp_path / "best.keras"))
+    fit(glyph_splits(n_train=64, n_eval=32), cfg)
+    assert (tmp_path / "best.keras").stat().st_size > 0
+
+
+def test_epoch_hook_sees_every_epoch_and_can_stop_training() -> None:
+    class Pruned(Exception):
+        pass
+
+    seen: list[tuple[int, dict]] = []
+
+    def hook(epoch: int, logs: dict) -> None:
+        seen.append((epoch, logs))
+        if epoch == 2:
+            raise Pruned
+
+    cfg = tiny_config("article", **{"trainer.epochs": 5})
+    with pytest.raises(Pruned):
+        train_and_evaluate(glyph_splits(n_train=64, n_eval=32), cfg, epoch_hook=hook)
+    assert [epoch for epoch, _ in seen] == [1, 2]
+    assert {"val_loss", "val_accuracy", "learning_rate", "samples_per_second"} <= set(seen[0][1])
+
+
+@pytest.mark.parametrize("model", ["article", "vgg_bn", "resnet_small"])
+def test_train_and_evaluate_learns_glyphs_and_reports_metrics(model: str) -> None:
+    overrides = {"trainer.epochs": 6, "trainer.lr": 3e-3, "trainer.label_smoothing": 0.05}
+    cfg = tiny_config(model, augment="off", **overrides)
+    cfg.callbacks.early_stopping.enabled = False
+    splits = glyph_splits(
+        sources=("etl8g", "synthetic"), source_weights={"etl8g": 1, "synthetic": 1}
+    )
+    metrics = train_and_evaluate(splits, cfg)
+    assert metrics["test/accuracy"] >= 0.85, metrics  # chance: 0.25
+    assert metrics["test/top5_accuracy"] == 1.0  # 4 classes: top-k is everything
+    assert metrics["test/macro_f1"] >= 0.8
+    assert metrics["val/accuracy"] >= 0.85
+    assert metrics["train/epochs"] == 6
+    assert metrics["train/samples_per_second"] > 0
+    assert {"test/source/etl8g/accuracy", "test/source/synthetic/accuracy"} <= set(metrics)
+    assert all(np.isfinite(v) for v in metrics.values())
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def hand_made_report() -> EvaluationReport:
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 3])
+    predicted = np.array([0, 0, 1, 1, 0, 2, 1, 3])
+    confidence = np.array([0.9, 0.8, 0.7, 0.9, 0.95, 0.6, 0.5, 0.99], np.float32)
+    others = np.array([[c for c in range(4) if c != p][:2] for p in predicted])
+    return EvaluationReport(
+        classes=CLASSES,
+        labels=labels,
+        top_k=np.column_stack([predicted, others]),
+        top_k_probs=np.column_stack([confidence, np.full((8, 2), 0.01, np.float32)]),
+        true_probs=np.where(labels == predicted, confidence, 0.01).astype(np.float32),
+        writers=np.array(["w1", "w1", "w2", "w2", "w2", "w3", "w3", "w3"]),
+        sources=np.array(["etl8g"] * 5 + ["synthetic"] * 3),
+        images=np.zeros((8, 4, 4), np.uint8),
+    )
+
+
+def test_evaluation_report_metrics_by_hand() -> None:
+    report = hand_made_report()
+    metrics = report.metrics("test")
+    assert metrics["test/accuracy"] == pytest.approx(5 / 8)
+    assert metrics["test/macro_f1"] == pytest.approx(
+        f1_score(report.labels, report.predicted, average="macro")
+    )
+    assert metrics["test/class_accuracy_min"] == pytest.approx(0.5)
+    assert metrics["test/source/etl8g/accuracy"] == pytest.approx(3 / 5)
+    assert metrics["test/source/synthetic/accuracy"] == pytest.approx(2 / 3)
+    assert metrics["test/writer_accuracy_min"] == pytest.approx(1 / 3)  # w2: 1 of 3
+    assert metrics["test/top5_accuracy"] == pytest.approx(1.0)  # true class always in top 3
+    assert [row["writer"] for row in report.per_writer()] == ["w2", "w3", "w1"]
+
+    pairs = report.confusion_pairs()
+    assert sorted(pairs) == [("あ", "い", 1), ("い", "あ", 1), ("う", "い", 1)]
+    # most confident mistakes first: い→あ (0.95), あ→い (0.7), う→い (0.5)
+    assert report.misclassified(2).tolist() == [4, 2]
+
+
+def test_evaluate_keeps_top_k_in_split_order() -> None:
+    from hwexp.train import evaluate
+
+    split = glyph_split(40, 16, np.random.default_rng(0))
+    model = keras.Sequential(
+        [
+            keras.Input((16, 16, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(4, activation="softmax"),
+        ]
+    )
+    report = evaluate(model, split, CLASSES, batch_size=16)
+    probs = np.asarray(model.predict(split.images[..., None], verbose=0))
+    np.testing.assert_array_equal(report.predicted, probs.argmax(axis=1))
+    np.testing.assert_allclose(report.true_probs, probs[np.arange(40), split.labels], rtol=1e-6)
+    assert report.top_k.shape == (40, 4)
+    assert (np.diff(report.top_k_probs, axis=1) <= 0).all()  # best first
