@@ -37,7 +37,9 @@ def test_faint_grey_scan_is_stretched_to_full_contrast():
 def test_crop_and_centre_make_position_and_scale_irrelevant():
     small_corner = cross(top=5, left=5, size=30, width=5)
     big_centre = cross(top=20, left=20, size=80, width=13)
-    out = normalise_characters(np.stack([small_corner, big_centre]))
+    out = normalise_characters(
+        np.stack([small_corner, big_centre]), options=PreprocessOptions(min_crop=0.0)
+    )
     ink = out > 128
     rows = [np.flatnonzero(m.any(axis=1)) for m in ink]
     cols = [np.flatnonzero(m.any(axis=0)) for m in ink]
@@ -53,7 +55,8 @@ def test_aspect_ratio_is_kept_when_padding_to_square():
     out = normalise_characters(bar[None])[0]
     ink_rows = np.flatnonzero((out > 128).any(axis=1))
     assert len(ink_rows) < 12  # still flat, not stretched to a square block
-    stretched = normalise_characters(bar[None], options=PreprocessOptions(keep_aspect=False))[0]
+    no_aspect = PreprocessOptions(keep_aspect=False, min_crop=0.0)
+    stretched = normalise_characters(bar[None], options=no_aspect)[0]
     assert len(np.flatnonzero((stretched > 128).any(axis=1))) > 36
 
 
@@ -105,3 +108,16 @@ def test_bad_options_are_named():
 def test_rejects_non_uint8():
     with pytest.raises(ValueError, match="uint8"):
         normalise_characters(np.zeros((1, 10, 10), np.float32))
+
+
+def test_small_kana_stay_smaller_than_full_size():
+    full = cross(top=20, left=20, size=85, width=10)  # つ-sized in its cell
+    small = cross(top=60, left=30, size=40, width=6)  # っ-sized, low in its cell
+    out = normalise_characters(np.stack([full, small]))
+    extent = [(o > 128).any(axis=0).sum() for o in out]
+    assert extent[1] < 0.75 * extent[0]
+    unlimited = normalise_characters(
+        np.stack([full, small]), options=PreprocessOptions(min_crop=0.0)
+    )
+    extent = [(o > 128).any(axis=0).sum() for o in unlimited]
+    assert abs(extent[1] - extent[0]) <= 3

@@ -116,6 +116,9 @@ def test_nested_runs_and_failed_status(tmp_path) -> None:
     assert client.get_run(failing.run_id).info.status == "FAILED"
     assert client.get_run(parent.run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(child.run_id, "score")] == [3]
+    assert track.mlflow_key("test/source/folder:my data/accuracy") == (
+        "test/source/folder_my data/accuracy"
+    )
 
 
 def test_many_and_long_params_are_batched_and_truncated(tmp_path) -> None:

@@ -26,6 +26,7 @@ import functools
 import io
 import logging
 import math
+import re
 import socket
 import subprocess
 import tempfile
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "hwexp"
+_INVALID_KEY_CHARS = re.compile(r"[^\w\-./ ]")  # MLflow also allows ":", but not on Windows
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
 # Fonts tried first when looking for one that draws Japanese; any font whose character map
 # covers kana and kanji is accepted otherwise.
@@ -101,8 +103,14 @@ def flatten_config(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dic
         if isinstance(value, Mapping):
             flat.update(flatten_config(value, prefix=f"{name}."))
         else:
-            flat[name[:MAX_ENTITY_KEY_LENGTH]] = str(value)[:MAX_PARAM_VAL_LENGTH]
+            flat[mlflow_key(name)] = str(value)[:MAX_PARAM_VAL_LENGTH]
     return flat
+
+
+def mlflow_key(key: str) -> str:
+    """``key`` made acceptable to MLflow as a metric/param name: characters other than
+    letters, digits, ``_ - . /`` and space become ``_``; at most 250 characters."""
+    return _INVALID_KEY_CHARS.sub("_", key)[:MAX_ENTITY_KEY_LENGTH]
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -363,7 +371,7 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (values stringified, truncated to 6000 chars), 100 per request."""
         entries = [
-            Param(key[:MAX_ENTITY_KEY_LENGTH], str(value)[:MAX_PARAM_VAL_LENGTH])
+            Param(mlflow_key(key), str(value)[:MAX_PARAM_VAL_LENGTH])
             for key, value in params.items()
         ]
         for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
@@ -380,7 +388,7 @@ class Tracker:
         entries = []
         for key, value in metrics.items():
             try:
-                entries.append(Metric(key, float(value), now, step))
+                entries.append(Metric(mlflow_key(key), float(value), now, step))
             except (TypeError, ValueError):
                 log.warning("metric %r is not a number (%r); not logged", key, value)
         for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):

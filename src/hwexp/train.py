@@ -210,11 +210,11 @@ class EpochHookCallback(keras.callbacks.Callback):
 
 
 def make_callbacks(
-    callbacks_cfg: Mapping[str, Any], lr_schedule: str = "constant"
+    callbacks_cfg: Mapping[str, Any], lr_schedule: str = "constant", verbose: int = 1
 ) -> list[keras.callbacks.Callback]:
     """EarlyStopping, ReduceLROnPlateau and ModelCheckpoint from their config blocks
     (each has ``enabled``). ReduceLROnPlateau needs a constant schedule; with another it is
-    skipped with a warning."""
+    skipped with a warning. ``verbose`` 0 silences their messages."""
     chosen: list[keras.callbacks.Callback] = []
     reduce_cfg = callbacks_cfg["reduce_lr"]
     if reduce_cfg["enabled"] and lr_schedule != "constant":
@@ -227,7 +227,7 @@ def make_callbacks(
                 patience=int(reduce_cfg["patience"]),
                 min_delta=float(reduce_cfg["min_delta"]),
                 min_lr=float(reduce_cfg["min_lr"]),
-                verbose=1,
+                verbose=verbose,
             )
         )
     stop_cfg = callbacks_cfg["early_stopping"]
@@ -239,7 +239,7 @@ def make_callbacks(
                 patience=int(stop_cfg["patience"]),
                 min_delta=float(stop_cfg["min_delta"]),
                 restore_best_weights=bool(stop_cfg["restore_best_weights"]),
-                verbose=1,
+                verbose=verbose,
             )
         )
     checkpoint_cfg = callbacks_cfg["checkpoint"]
@@ -330,7 +330,9 @@ def fit(
             cfg["model"], cfg["augment"], len(splits.classes), splits.image_size, seed=seed
         )
     compile_model(model, trainer_cfg, train.steps_per_epoch)
-    configured = make_callbacks(cfg["callbacks"], trainer_cfg["lr_schedule"])
+    configured = make_callbacks(
+        cfg["callbacks"], trainer_cfg["lr_schedule"], verbose=min(1, int(trainer_cfg["verbose"]))
+    )
     recorder = EpochRecorder(batch_size)
     # Order matters: the recorder runs after ReduceLROnPlateau (so it logs the reduced rate)
     # and before the extra callbacks (so a tracker sees learning_rate); the hook runs last, so

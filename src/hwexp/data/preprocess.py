@@ -11,7 +11,8 @@ convention of MNIST, KMNIST and ETL's own grey levels. The steps, each an option
    fragments of neighbouring cells: components touching the border that are small relative to
    the character and stay within a band along that border;
 4. crop to the remaining ink's bounding box, pad to a square (keeping aspect ratio) with a
-   margin, and resize with anti-aliasing to ``size`` x ``size``.
+   margin, and resize with anti-aliasing to ``size`` x ``size``. The crop is never smaller
+   than ``min_crop`` of the input's side, so small kana (っ ゃ) stay smaller than つ や.
 
 Everything works on a batch ``(n, h, w)`` at once except the final resize (PIL, per image).
 """
@@ -56,12 +57,15 @@ class PreprocessOptions:
     fragment_band: float = 0.2  # of the side: how far in from the border a fragment may reach
     crop: bool = True
     keep_aspect: bool = True
+    min_crop: float = 0.55  # of the input's shorter side: ink smaller than this is not enlarged
     margin: float = 0.08  # of the output side, left blank around the ink
     resample: str = "auto"  # box when shrinking, bilinear when enlarging
 
     def __post_init__(self) -> None:
         if not 8 <= self.size <= 512:
             raise ConfigError(f"preprocess.size={self.size}: choose a side between 8 and 512")
+        if not 0 <= self.min_crop <= 1:
+            raise ConfigError(f"preprocess.min_crop={self.min_crop}: must be in [0, 1]")
         if not 0 <= self.margin < 0.5:
             raise ConfigError(f"preprocess.margin={self.margin}: must be in [0, 0.5)")
         if self.resample not in _RESAMPLING:
@@ -262,6 +266,9 @@ def _crop_boxes(mask: np.ndarray, options: PreprocessOptions) -> np.ndarray:
     width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     if options.keep_aspect:
         width = height = np.maximum(width, height)
+    # Small characters stay small: っ must not be enlarged into つ.
+    floor = options.min_crop * min(h, w)
+    width, height = np.maximum(width, floor), np.maximum(height, floor)
     grow = 1.0 / (1.0 - 2.0 * options.margin)
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     half_w, half_h = width * grow / 2, height * grow / 2

@@ -26,7 +26,7 @@ class SynthOptions:
     """Options of :func:`hwexp.synth.render_writer`; build from config with :meth:`from_config`."""
 
     # Bumped whenever the same options render different pixels (cache keys include it).
-    FORMAT: ClassVar[int] = 1
+    FORMAT: ClassVar[int] = 2
 
     canvas_size: int = 128
     supersample: int = 2  # strokes are drawn at this multiple of the canvas, then reduced
@@ -41,7 +41,8 @@ class SynthOptions:
     width_scale: Range = (0.6, 1.6)  # multiplies the pen's nominal width (log-uniform)
     pressure: Range = (0.0, 0.35)  # relative width variation along a stroke
     # --- geometry habits --------------------------------------------------------------------
-    size: Range = (0.6, 0.95)  # KanjiVG frame side / canvas side
+    size: Range = (0.8, 1.15)  # KanjiVG frame side / canvas side: ink fills ~0.55-0.9 of it
+    small_kana_scale: float = 0.75  # extra scale of small kana (っ ゃ ...) against full size
     placement_frac: float = 0.05  # sd of a writer's habitual offset of the character centre
     slant_deg: Range = (-14.0, 10.0)  # shear; positive leans the top to the right
     rotation_deg: Range = (-5.0, 5.0)

@@ -94,7 +94,7 @@ def render_char(char: str, style: WriterStyle, options: SynthOptions, instance: 
     mix = _Mix(rng_c, rng_i, options.instance_jitter)
     ss = options.supersample
     side = options.canvas_size
-    affine = _char_affine(style, options, mix)
+    affine = _char_affine(char, style, options, mix)
     layer = Image.new("L", (side * ss, side * ss), 0)
     draw = ImageDraw.Draw(layer)
     glyph_ink = None
@@ -111,6 +111,9 @@ def render_char(char: str, style: WriterStyle, options: SynthOptions, instance: 
             ink = np.maximum(ink, glyph_ink)
     return _scan(ink, style, options, rng_i)
 
+
+
+SMALL_KANA = frozenset("ぁぃぅぇぉっゃゅょゎゕゖァィゥェォッャュョヮヵヶ")
 
 class _Mix:
     """Standard normals mixing a habitual (per writer and char) and a per-image draw."""
@@ -133,13 +136,16 @@ class _Affine:
     scale: float  # canvas px per frame unit (mean)
 
 
-def _char_affine(style: WriterStyle, o: SynthOptions, mix: _Mix) -> _Affine:
+def _char_affine(char: str, style: WriterStyle, o: SynthOptions, mix: _Mix) -> _Affine:
     side = o.canvas_size
     z = mix.normal(6)
     slant = style.slant + math.tan(math.radians(o.char_slant_sd_deg)) * z[0]
     rot = style.rotation + math.radians(o.char_rotation_sd_deg) * z[1]
     aspect = style.aspect * math.exp(o.char_aspect_sd * z[2])
     scale = style.size * math.exp(o.char_size_sd * z[3]) * side / FRAME
+    if char in SMALL_KANA:
+        # KanjiVG and fonts draw small kana at ~0.8 of full size; hands write them smaller.
+        scale *= o.small_kana_scale
     ax, ay = math.sqrt(aspect), 1.0 / math.sqrt(aspect)
     cos, sin = math.cos(rot), math.sin(rot)
     m = np.array([[cos, -sin], [sin, cos]]) @ np.array([[1.0, -slant], [0.0, 1.0]])
