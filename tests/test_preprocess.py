@@ -121,3 +121,11 @@ def test_small_kana_stay_smaller_than_full_size():
     )
     extent = [(o > 128).any(axis=0).sum() for o in unlimited]
     assert abs(extent[1] - extent[0]) <= 3
+
+
+def test_faint_blotch_inside_the_crop_is_cleared():
+    clean = cross()
+    blotchy = clean.copy()
+    blotchy[35:50, 45:60] = 70  # uneven background between the arms, below the ink threshold
+    out = normalise_characters(np.stack([blotchy, clean]))
+    assert np.abs(out[0].astype(int) - out[1].astype(int)).max() < 30

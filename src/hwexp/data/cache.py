@@ -31,7 +31,7 @@ from hwexp.data.preprocess import PreprocessOptions, normalise_characters
 from hwexp.data.raw import ChunkTask
 
 # Bump when the meaning of cached arrays changes (reader or preprocessing code).
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass

@@ -140,9 +140,7 @@ def _normalise_batch(images: np.ndarray, options: PreprocessOptions) -> np.ndarr
     low, high = _levels(small, options)
     mask = small > (low + options.ink_threshold * (high - low))[:, None, None]
     keep = _clean_mask(mask, options)
-    removed = mask & ~keep
-    if removed.any():
-        images = _erase(images, removed, step)
+    images = _keep_only_near(images, keep, step, low)
     boxes = _crop_boxes(keep, options) * step
     resized = _resize_all(images, boxes, options).astype(np.float32)
     if options.contrast_stretch:
@@ -166,18 +164,27 @@ def _levels(small: np.ndarray, options: PreprocessOptions) -> tuple[np.ndarray, 
     return parted[:, k_low].astype(np.float32), parted[:, k_high].astype(np.float32)
 
 
-def _erase(images: np.ndarray, removed: np.ndarray, step: int) -> np.ndarray:
-    """Zero the full-resolution pixels under removed components (and their fringe)."""
+def _keep_only_near(
+    images: np.ndarray, keep: np.ndarray, step: int, background: np.ndarray
+) -> np.ndarray:
+    """Full-resolution images with every pixel away from kept ink set to the background level.
+
+    This removes specks and border fragments together with their anti-aliased fringes, and
+    background blotches that stayed below the ink threshold; the kept ink's own grey edges
+    survive because the kept mask is first grown by two mask cells.
+    """
     n, h, w = images.shape
-    images = images.copy()
-    hit = np.flatnonzero(removed.reshape(n, -1).any(axis=1))
-    grown = _dilate3x3(removed[hit])
-    full = np.repeat(np.repeat(grown, step, axis=1), step, axis=2)[:, :h, :w]
-    pad_h, pad_w = h - full.shape[1], w - full.shape[2]
-    if pad_h or pad_w:
-        full = np.pad(full, ((0, 0), (0, pad_h), (0, pad_w)), mode="edge")
-    images[hit] = np.where(full, 0, images[hit])
-    return images
+    near = _dilate3x3(_dilate3x3(keep))
+    if step > 1:
+        near = np.repeat(np.repeat(near, step, axis=1), step, axis=2)
+    full = np.zeros((n, h, w), bool)
+    full[:, : near.shape[1], : near.shape[2]] = near[:, :h, :w]
+    if near.shape[1] < h:  # rows/columns the subsampled mask did not reach: copy the edge
+        full[:, near.shape[1] :, :] = full[:, near.shape[1] - 1 : near.shape[1], :]
+    if near.shape[2] < w:
+        full[:, :, near.shape[2] :] = full[:, :, near.shape[2] - 1 : near.shape[2]]
+    fill = np.round(background).astype(np.uint8)[:, None, None]
+    return np.where(full, images, fill)
 
 
 def _dilate3x3(mask: np.ndarray) -> np.ndarray:
