@@ -18,6 +18,9 @@ from hwexp.model import (
 )
 from hwexp.train import dtype_policy
 
+# TensorFlow's EagerTensor.__array__ predates numpy 2's copy keyword; Keras triggers it.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 SIZE = 16
 NUM_CLASSES = len(CLASSES)
 

@@ -15,6 +15,9 @@ from hwexp import track
 from hwexp.track import Tracker, default_tracking_uri, flatten_config, pair_text
 from hwexp.train import train_and_evaluate
 
+# TensorFlow's EagerTensor.__array__ predates numpy 2's copy keyword; Keras triggers it.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 
 def artifact_files(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
     files = set()

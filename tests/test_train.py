@@ -22,6 +22,9 @@ from hwexp.train import (
     train_and_evaluate,
 )
 
+# TensorFlow's EagerTensor.__array__ predates numpy 2's copy keyword; Keras triggers it.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 # --------------------------------------------------------------------------- pipeline
 
 

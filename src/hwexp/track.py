@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "hwexp"
+HAS_MODEL_TAG = "hwexp.has_model"  # set once a run's model artifact is complete
 _INVALID_KEY_CHARS = re.compile(r"[^\w\-./ ]")  # MLflow also allows ":", but not on Windows
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
 # Fonts tried first when looking for one that draws Japanese; any font whose character map
@@ -424,6 +426,7 @@ class Tracker:
             model.save(folder / "model.keras")
             (folder / "classes.txt").write_text("".join(f"{c}\n" for c in classes), "utf-8")
             self.client.log_artifacts(self.run_id, str(folder), "model")
+        self.set_tags({HAS_MODEL_TAG: "true"})
 
     def log_evaluation(
         self, report: EvaluationReport, pairs: int = 20, misclassified: int = 36
@@ -498,3 +501,98 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
+
+
+# --------------------------------------------------------------------------- finished runs
+
+
+class RunNotFound(LookupError):
+    """A run reference names no run, or no run with a trained model."""
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A finished run's model, its classes (output order) and its resolved config."""
+
+    run_id: str
+    model: keras.Model
+    classes: tuple[str, ...]
+    config: dict[str, Any]
+    metrics: dict[str, float]
+
+
+def client_for(tracking_cfg: Mapping[str, Any]) -> MlflowClient:
+    """The MLflow client of ``conf/tracking/mlflow.yaml``-style settings."""
+    return MlflowClient(
+        tracking_uri=tracking_cfg.get("uri") or default_tracking_uri(tracking_cfg["mlruns_dir"])
+    )
+
+
+def find_run(
+    client: MlflowClient,
+    ref: str,
+    experiment: str | None = None,
+    metric: str = "test/accuracy",
+    parent_run_id: str | None = None,
+) -> str:
+    """The run id that ``ref`` names: a run id, or ``best`` — the finished run with a model and
+    the highest ``metric`` in ``experiment`` (or among the children of ``parent_run_id``).
+
+    Raises:
+        RunNotFound: no such run / experiment, or no finished run with a model and ``metric``.
+    """
+    if ref != "best":
+        try:
+            run = client.get_run(ref)
+        except MlflowException as error:
+            raise RunNotFound(
+                f"run {ref!r} does not exist in {client.tracking_uri}; list runs with "
+                f"`mlflow ui --backend-store-uri {client.tracking_uri}` or use run=best"
+            ) from error
+        return run.info.run_id
+    filters = ["attributes.status = 'FINISHED'", f"tags.`{HAS_MODEL_TAG}` = 'true'"]
+    if parent_run_id:
+        filters.append(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'")
+    if parent_run_id and not experiment:
+        experiment_ids = [client.get_run(parent_run_id).info.experiment_id]
+    else:
+        found = client.get_experiment_by_name(experiment or DEFAULT_EXPERIMENT)
+        if found is None:
+            raise RunNotFound(f"experiment {experiment!r} does not exist in {client.tracking_uri}")
+        experiment_ids = [found.experiment_id]
+    runs = client.search_runs(
+        experiment_ids,
+        " and ".join(filters),
+        order_by=[f"metrics.`{metric}` DESC"],
+        max_results=50,
+    )
+    runs = [r for r in runs if metric in r.data.metrics]
+    if not runs:
+        where = f"children of run {parent_run_id}" if parent_run_id else repr(experiment)
+        raise RunNotFound(f"no finished run with a model and metric {metric!r} among {where}")
+    return runs[0].info.run_id
+
+
+def load_trained_model(client: MlflowClient, run_id: str) -> TrainedModel:
+    """Download and load ``model/model.keras``, ``model/classes.txt`` and ``config.yaml``.
+
+    Raises:
+        RunNotFound: the run has no model artifact (e.g. it failed before saving one).
+    """
+    run = client.get_run(run_id)
+    with tempfile.TemporaryDirectory(prefix="hwexp-load-") as tmp:
+        try:
+            folder = Path(client.download_artifacts(run_id, "model", tmp))
+        except (MlflowException, OSError) as error:
+            raise RunNotFound(
+                f"run {run_id} has no model artifact (status {run.info.status}); "
+                "choose a run that finished training"
+            ) from error
+        if not (folder / "model.keras").is_file():
+            raise RunNotFound(f"run {run_id} has no model/model.keras artifact")
+        model = keras.saving.load_model(folder / "model.keras", compile=False)
+        lines = (folder / "classes.txt").read_text(encoding="utf-8").split("\n")
+        classes = tuple(lines[: model.output_shape[-1]])
+        config_path = Path(client.download_artifacts(run_id, "config.yaml", tmp))
+        config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
+    return TrainedModel(run_id, model, classes, config, dict(run.data.metrics))

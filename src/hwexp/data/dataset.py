@@ -64,6 +64,24 @@ class ImageView:
         array = self[np.arange(len(self))]
         return array if dtype is None else array.astype(dtype)
 
+    def subset(self, positions: np.ndarray) -> ImageView:
+        """A view of the given positions (in that order), still reading nothing."""
+        positions = np.asarray(positions, np.int64)
+        part_of = np.searchsorted(self._offsets, positions, side="right") - 1
+        breaks = np.flatnonzero(np.diff(part_of)) + 1
+        parts = []
+        for run, owner in zip(np.split(positions, breaks), np.split(part_of, breaks), strict=True):
+            if len(run):
+                part = owner[0]
+                parts.append((self._bases[part], self._rows[part][run - self._offsets[part]]))
+        return ImageView(parts, self.shape[1:])
+
+    @staticmethod
+    def concat(views: Sequence[ImageView]) -> ImageView:
+        """One view over all ``views``, in order."""
+        parts = [(b, r) for v in views for b, r in zip(v._bases, v._rows, strict=True)]
+        return ImageView(parts, views[0].shape[1:])
+
 
 @dataclass
 class SplitArrays:
@@ -76,6 +94,16 @@ class SplitArrays:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def join_splits(parts: Sequence[SplitArrays]) -> SplitArrays:
+    """The samples of several splits as one (e.g. every sample, for evaluation elsewhere)."""
+    return SplitArrays(
+        images=ImageView.concat([p.images for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        writers=np.concatenate([p.writers for p in parts]),
+        sources=np.concatenate([p.sources for p in parts]),
+    )
 
 
 @dataclass
