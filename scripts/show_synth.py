@@ -34,8 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chars", default=DEFAULT_CHARS)
     parser.add_argument("--writers", default="0-11")
     parser.add_argument("--config", type=Path, default=None, help="synthetic options YAML")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
-                        help="override one option, e.g. --set font_ratio=1")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=YAML",
+        help="override one option, e.g. --set font_ratio=1",
+    )
     parser.add_argument("--scale", type=int, default=1, help="integer zoom of the grid")
     parser.add_argument("--invert", action="store_true", help="dark ink on light ground")
     args = parser.parse_args(argv)
@@ -57,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         grid = 255 - grid
     image = Image.fromarray(grid)
     if args.scale > 1:
-        image = image.resize((grid.shape[1] * args.scale, grid.shape[0] * args.scale),
-                             Image.Resampling.NEAREST)
+        image = image.resize(
+            (grid.shape[1] * args.scale, grid.shape[0] * args.scale), Image.Resampling.NEAREST
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
     print(f"wrote {args.out}: {len(writers)} writers x {len(args.chars)} chars", file=sys.stderr)

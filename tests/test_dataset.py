@@ -251,7 +251,9 @@ def test_image_view_indexes_like_an_array():
     picked = view.subset(np.array([2, 0, 1]))
     np.testing.assert_array_equal(np.asarray(picked), expected[[2, 0, 1]])
     joined = ImageView.concat([view, picked])
-    np.testing.assert_array_equal(np.asarray(joined), np.concatenate([expected, expected[[2, 0, 1]]]))
+    np.testing.assert_array_equal(
+        np.asarray(joined), np.concatenate([expected, expected[[2, 0, 1]]])
+    )
 
 
 def test_cache_dir_holds_no_temporary_leftovers(etl8g_root):

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
-from data_config import data_config
 from mlflow import MlflowClient
 
+from data_config import data_config
 from hwexp.__main__ import run_training
 from hwexp.evaluate import EVALUATED_RUN_TAG, choose_part, evaluate_run
 from hwexp.track import RunNotFound, Tracker, client_for, find_run, load_trained_model
@@ -42,9 +42,15 @@ def test_evaluate_best_run_on_other_classes_maps_by_character(trained):
 
 def test_evaluate_on_training_dataset_uses_test_split_and_matches(trained):
     root, train_cfg, train_metrics = trained
-    cfg = data_config(root, "run=best", "select.experiment=hwexp-debug",
-                      "+dataset.limit_classes=5", "synthetic.writers=12",
-                      "tracking.enabled=false", config_name="evaluate")
+    cfg = data_config(
+        root,
+        "run=best",
+        "select.experiment=hwexp-debug",
+        "+dataset.limit_classes=5",
+        "synthetic.writers=12",
+        "tracking.enabled=false",
+        config_name="evaluate",
+    )
     assert choose_part("auto", cfg, {"dataset": dict(cfg.dataset)}) == "test"
     result = evaluate_run(cfg)
     assert result.part == "test"

@@ -145,15 +145,17 @@ def test_writers_differ_more_than_one_writer_repeating_itself():
     options = SynthOptions.from_config(CLEAN)
     chars = list("あきすなぬはまやるを")
     writers = range(30, 38)
-    shapes = {w: render_writer([c for c in chars for _ in (0, 1)], w, options).images
-              for w in writers}
+    shapes = {
+        w: render_writer([c for c in chars for _ in (0, 1)], w, options).images for w in writers
+    }
     norm = {w: [_normalised(im) for im in ims] for w, ims in shapes.items()}
     within, between = [], []
     for i in range(len(chars)):
         for w in writers:
             within.append(np.abs(norm[w][2 * i] - norm[w][2 * i + 1]).mean())
-            between.append(np.abs(norm[w][2 * i] - norm[w + 1 if w + 1 in norm else 30][2 * i])
-                           .mean())
+            between.append(
+                np.abs(norm[w][2 * i] - norm[w + 1 if w + 1 in norm else 30][2 * i]).mean()
+            )
     within_mean, between_mean = float(np.mean(within)), float(np.mean(between))
     assert between_mean > 0.12, between_mean  # writers really differ (ink shares ~0.2-0.4)
     assert within_mean < 0.8 * between_mean, (within_mean, between_mean)
@@ -178,8 +180,7 @@ def test_scan_modes_quantise_grey_levels():
 def test_border_fragments_appear_when_asked():
     options = SynthOptions(fragment_prob=1.0, max_fragments=2, speck_prob=0.0)
     chunk = render_writer(list("あいうえおかきくけこ"), 2, options)
-    edges = [_ink_mask(im)[[0, -1]].any() or _ink_mask(im)[:, [0, -1]].any()
-             for im in chunk.images]
+    edges = [_ink_mask(im)[[0, -1]].any() or _ink_mask(im)[:, [0, -1]].any() for im in chunk.images]
     assert sum(edges) >= 7  # most cells now have ink reaching the border
     _assert_ink_inside(render_writer(list("あいうえおかきくけこ"), 2, SynthOptions(**CLEAN)))
 
@@ -213,9 +214,11 @@ def test_held_out_fonts_are_refused(tmp_path):
     shutil.copy(source, klee)
     with pytest.raises(FontUnavailable, match="held out"):
         resolve_fonts((str(klee),))
-    for path in ("/usr/share/fonts/truetype/seto/setofont.ttf",
-                 "/usr/share/fonts/truetype/kouzan-mouhitsu/KouzanBrushFontSousyo.ttf",
-                 "/usr/share/fonts/truetype/aoyagi-soseki/aoyagi-soseki.ttf"):
+    for path in (
+        "/usr/share/fonts/truetype/seto/setofont.ttf",
+        "/usr/share/fonts/truetype/kouzan-mouhitsu/KouzanBrushFontSousyo.ttf",
+        "/usr/share/fonts/truetype/aoyagi-soseki/aoyagi-soseki.ttf",
+    ):
         assert is_held_out(path)
     assert not is_held_out(source)
     # System fonts: held-out files are dropped, also behind an alternatives-style link.

@@ -75,7 +75,10 @@ def system_faces() -> list[FontFace]:
         return []
     out = subprocess.run(
         ["fc-list", "-f", "%{file}\t%{index}\n", ":lang=ja"],
-        capture_output=True, text=True, check=False, timeout=60,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     ).stdout
     return parse_fc_list(out)
 
@@ -144,8 +147,9 @@ def face_has(face: FontFace, char: str) -> bool:
     return ord(char) in _codepoints(face.path, face.index)
 
 
-def font_coverage(chars: Iterable[str], fonts: Sequence[str | FontFace] | None = None,
-                  system_fonts: bool = False) -> dict[str, list[str]]:
+def font_coverage(
+    chars: Iterable[str], fonts: Sequence[str | FontFace] | None = None, system_fonts: bool = False
+) -> dict[str, list[str]]:
     """Map each face name to the characters of ``chars`` it lacks (first-seen order).
 
     ``fonts``: distribution names, paths or :class:`FontFace` s; default the PyPI defaults.

@@ -196,8 +196,9 @@ def parse_path(d: str, step: float = 0.5) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _cubic(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, p3: np.ndarray,
-           step: float) -> np.ndarray:
+def _cubic(
+    p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, p3: np.ndarray, step: float
+) -> np.ndarray:
     """Points of a cubic Bézier excluding ``p0``, about ``step`` apart."""
     hull = np.linalg.norm(p1 - p0) + np.linalg.norm(p2 - p1) + np.linalg.norm(p3 - p2)
     n = max(2, int(np.ceil(hull / step)))

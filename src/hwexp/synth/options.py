@@ -36,7 +36,11 @@ class SynthOptions:
     system_fonts: bool = False  # also use `fc-list :lang=ja` fonts (held-out fonts excluded)
     # --- pen (KanjiVG writers) --------------------------------------------------------------
     pen_weights: tuple[tuple[str, float], ...] = (
-        ("pencil", 0.45), ("ballpoint", 0.25), ("felt", 0.12), ("brush", 0.08), ("finger", 0.10),
+        ("pencil", 0.45),
+        ("ballpoint", 0.25),
+        ("felt", 0.12),
+        ("brush", 0.08),
+        ("finger", 0.10),
     )
     width_scale: Range = (0.6, 1.6)  # multiplies the pen's nominal width (log-uniform)
     pressure: Range = (0.0, 0.35)  # relative width variation along a stroke

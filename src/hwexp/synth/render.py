@@ -80,13 +80,20 @@ def render_writer(chars: Sequence[str], writer: int, options: SynthOptions) -> R
         labels=np.array(chars, dtype=str).reshape(len(chars)),
         writers=np.full(len(chars), f"synthetic:{writer}"),
         ink="high",
-        meta={"writer_kind": np.array(kinds, dtype=str).reshape(len(chars)),
-              "font": np.array(fonts, dtype=str).reshape(len(chars))},
+        meta={
+            "writer_kind": np.array(kinds, dtype=str).reshape(len(chars)),
+            "font": np.array(fonts, dtype=str).reshape(len(chars)),
+        },
     )
 
 
-def render_char(char: str, style: WriterStyle, options: SynthOptions, instance: int = 0,
-                face: FontFace | None = None) -> np.ndarray:
+def render_char(
+    char: str,
+    style: WriterStyle,
+    options: SynthOptions,
+    instance: int = 0,
+    face: FontFace | None = None,
+) -> np.ndarray:
     """``(canvas, canvas)`` uint8 image, ink high; from ``face`` if given, else KanjiVG."""
     cp = ord(char)
     rng_c = np.random.default_rng([style.seed, TAG_CHAR, cp, options.digest])
@@ -112,8 +119,8 @@ def render_char(char: str, style: WriterStyle, options: SynthOptions, instance: 
     return _scan(ink, style, options, rng_i)
 
 
-
 SMALL_KANA = frozenset("ぁぃぅぇぉっゃゅょゎゕゖァィゥェォッャュョヮヵヶ")
+
 
 class _Mix:
     """Standard normals mixing a habitual (per writer and char) and a per-image draw."""
@@ -243,8 +250,9 @@ def _deform(g: Glyph, geo: _Geom, style: WriterStyle, mix: _Mix) -> np.ndarray:
     return pts + _warp(pts, style.warp, mix)
 
 
-def _bend(pts: np.ndarray, geo: _Geom, gain: np.ndarray, coef: np.ndarray,
-          lam: float) -> np.ndarray:
+def _bend(
+    pts: np.ndarray, geo: _Geom, gain: np.ndarray, coef: np.ndarray, lam: float
+) -> np.ndarray:
     """Re-integrate strokes with turning angles scaled by ``1 + gain`` (per stroke) plus a
     smooth angle offset ``sum_k coef[:, k] . (sin, cos)(2 pi s k / lam)``; ends stay put."""
     seg = np.flatnonzero(geo.sid[1:] == geo.sid[:-1])  # segment j joins points j and j + 1
@@ -310,8 +318,14 @@ def _widths(geo: _Geom, style: WriterStyle, mix: _Mix, px: float) -> np.ndarray:
     return np.maximum(w, 0.6)
 
 
-def _draw_kanjivg(draw: ImageDraw.ImageDraw, g: Glyph, style: WriterStyle, o: SynthOptions,
-                  mix: _Mix, affine: _Affine) -> None:
+def _draw_kanjivg(
+    draw: ImageDraw.ImageDraw,
+    g: Glyph,
+    style: WriterStyle,
+    o: SynthOptions,
+    mix: _Mix,
+    affine: _Affine,
+) -> None:
     geo = _geom(g.char)
     pts = _deform(g, geo, style, mix) @ affine.m.T + affine.t
     # Strokes stay below ~12% of the character height (75 frame units), less for dense
@@ -335,9 +349,15 @@ def _draw_kanjivg(draw: ImageDraw.ImageDraw, g: Glyph, style: WriterStyle, o: Sy
         _draw_connections(draw, pts, off, style, o, rng, shade)
 
 
-def _draw_connections(draw: ImageDraw.ImageDraw, pts: np.ndarray, off: np.ndarray,
-                      style: WriterStyle, o: SynthOptions, rng: np.random.Generator,
-                      shade: np.ndarray) -> None:
+def _draw_connections(
+    draw: ImageDraw.ImageDraw,
+    pts: np.ndarray,
+    off: np.ndarray,
+    style: WriterStyle,
+    o: SynthOptions,
+    rng: np.random.Generator,
+    shade: np.ndarray,
+) -> None:
     """Lighter, thinner strokes joining some stroke ends to the next start (a pen not lifted)."""
     ss = o.supersample
     joined = np.flatnonzero(rng.random(len(off) - 2) < style.connect_prob)
@@ -358,14 +378,20 @@ def _draw_connections(draw: ImageDraw.ImageDraw, pts: np.ndarray, off: np.ndarra
         _draw_polyline(draw, curve * ss, np.full(len(curve), width * ss), fill)
 
 
-def _draw_polyline(draw: ImageDraw.ImageDraw, pts: np.ndarray, widths: np.ndarray,
-                   fill: int) -> None:
+def _draw_polyline(
+    draw: ImageDraw.ImageDraw, pts: np.ndarray, widths: np.ndarray, fill: int
+) -> None:
     """One round-capped polyline with per-point widths (supersampled px)."""
     _draw_strokes(draw, pts, widths, np.array([0, len(pts)]), [fill])
 
 
-def _draw_strokes(draw: ImageDraw.ImageDraw, pts: np.ndarray, widths: np.ndarray,
-                  offsets: np.ndarray, fills: Sequence[int]) -> None:
+def _draw_strokes(
+    draw: ImageDraw.ImageDraw,
+    pts: np.ndarray,
+    widths: np.ndarray,
+    offsets: np.ndarray,
+    fills: Sequence[int],
+) -> None:
     """Round-capped polylines ``pts[offsets[i]:offsets[i + 1]]`` in grey ``fills[i]``.
 
     ``widths`` are per point (supersampled px). Runs of segments of equal rounded width are
@@ -419,8 +445,9 @@ def _upsampler(side: int) -> np.ndarray:
     return out
 
 
-def _font_ink(face: FontFace, char: str, style: WriterStyle, o: SynthOptions, mix: _Mix,
-              affine: _Affine) -> np.ndarray:
+def _font_ink(
+    face: FontFace, char: str, style: WriterStyle, o: SynthOptions, mix: _Mix, affine: _Affine
+) -> np.ndarray:
     """Ink coverage (float32, canvas) of a warped, re-weighted font glyph."""
     bitmap = glyph_bitmap(face, char)
     side = o.canvas_size
@@ -430,8 +457,15 @@ def _font_ink(face: FontFace, char: str, style: WriterStyle, o: SynthOptions, mi
     ys, xs = np.nonzero(bitmap > 0.3)
     if len(xs) == 0:
         return np.zeros((side, side), np.float32)
-    corners = np.array([[xs.min(), ys.min()], [xs.max() + 1, ys.min()], [xs.min(), ys.max() + 1],
-                        [xs.max() + 1, ys.max() + 1]], float)
+    corners = np.array(
+        [
+            [xs.min(), ys.min()],
+            [xs.max() + 1, ys.min()],
+            [xs.min(), ys.max() + 1],
+            [xs.max() + 1, ys.max() + 1],
+        ],
+        float,
+    )
     corners_frame = (corners - mid) * em_to_frame + _CENTRE
     pad = style.font_warp * 1.5 * affine.scale + max(style.font_weight_px, 0.0) + 1.0
     k, centre, shift = _fit(corners_frame @ affine.m.T + affine.t, pad, o)
@@ -459,8 +493,13 @@ def _font_ink(face: FontFace, char: str, style: WriterStyle, o: SynthOptions, mi
 # Border fragments, specks and the scan
 
 
-def _draw_extras(draw: ImageDraw.ImageDraw, style: WriterStyle, o: SynthOptions,
-                 rng: np.random.Generator, affine: _Affine) -> bool:
+def _draw_extras(
+    draw: ImageDraw.ImageDraw,
+    style: WriterStyle,
+    o: SynthOptions,
+    rng: np.random.Generator,
+    affine: _Affine,
+) -> bool:
     """Draw neighbours' fragments and specks onto ``draw``; True if anything was drawn."""
     ss, side = o.supersample, o.canvas_size
     drew = False
@@ -502,8 +541,9 @@ def _smooth_field(rng: np.random.Generator, side: int, cells: int = 4) -> np.nda
     return np.asarray(coarse.resize((side, side), Image.Resampling.BICUBIC), dtype=np.float32)
 
 
-def _scan(ink: np.ndarray, style: WriterStyle, o: SynthOptions,
-          rng: np.random.Generator) -> np.ndarray:
+def _scan(
+    ink: np.ndarray, style: WriterStyle, o: SynthOptions, rng: np.random.Generator
+) -> np.ndarray:
     """Ink coverage (float, canvas) -> uint8 scanned cell, ink high.
 
     Low-resolution writers are sampled at half the canvas (like ETL's 64 x 63 cells) and

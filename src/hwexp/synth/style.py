@@ -103,8 +103,9 @@ class WriterStyle:
     font_round_px: float
 
     @classmethod
-    def from_seed(cls, seed: int, options: SynthOptions | None = None,
-                  fonts: Sequence[str] | None = None) -> WriterStyle:
+    def from_seed(
+        cls, seed: int, options: SynthOptions | None = None, fonts: Sequence[str] | None = None
+    ) -> WriterStyle:
         """Draw the habits of writer ``seed`` within the ranges of ``options``.
 
         ``fonts`` are the usable font names for font writers (default: ``options.fonts``).
@@ -131,8 +132,10 @@ class WriterStyle:
             width_px=width_px,
             pressure=_uniform(rng, o.pressure) * (0.3 if pen == "finger" else 1.0),
             size=_uniform(rng, o.size),
-            offset_frac=(float(rng.normal(0, o.placement_frac)),
-                         float(rng.normal(0, o.placement_frac))),
+            offset_frac=(
+                float(rng.normal(0, o.placement_frac)),
+                float(rng.normal(0, o.placement_frac)),
+            ),
             slant=math.tan(math.radians(_uniform(rng, o.slant_deg))),
             rotation=math.radians(_uniform(rng, o.rotation_deg)),
             aspect=_log_uniform(rng, o.aspect),
