@@ -1,0 +1,73 @@
+"""Every config group choice composes with every other, and the recipes say what they claim."""
+
+import itertools
+
+import pytest
+from data_config import data_config
+from omegaconf import OmegaConf
+
+from hwexp import CONF_DIR
+from hwexp.data.dataset import class_set_of, dataset_sources
+from hwexp.data.preprocess import PreprocessOptions
+
+GROUPS = {
+    group: sorted(p.stem for p in (CONF_DIR_PATH / group).glob("*.yaml"))
+    for CONF_DIR_PATH in [__import__("pathlib").Path(CONF_DIR)]
+    for group in ("dataset", "model", "augment", "experiment")
+}
+NEEDS_PATH = {"folder": ["dataset.path=/nonexistent"]}
+
+
+@pytest.mark.parametrize(
+    "dataset, model, augment",
+    list(itertools.product(GROUPS["dataset"], GROUPS["model"], GROUPS["augment"])),
+)
+def test_every_dataset_model_augment_combination_composes(tmp_path, dataset, model, augment):
+    cfg = data_config(
+        tmp_path,
+        f"dataset={dataset}",
+        f"model={model}",
+        f"augment={augment}",
+        *NEEDS_PATH.get(dataset, []),
+        config_name="config",
+    )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["model"]["name"] == model
+    assert resolved["augment"]["enabled"] is (augment == "on")
+    assert dataset_sources(cfg.dataset)
+    PreprocessOptions.from_config(resolved["preprocess"])
+    if cfg.dataset.classes != "auto":
+        assert len(class_set_of(cfg.dataset)[0]) >= 10
+
+
+def test_default_is_offline_synthetic(tmp_path):
+    cfg = data_config(tmp_path, config_name="config")
+    assert cfg.dataset.source == "synthetic"
+    assert cfg.split.method == "writer"
+
+
+def test_real_dataset_keeps_its_source_on_the_default_config(tmp_path):
+    cfg = data_config(tmp_path, "dataset=kanji3036", config_name="config")
+    assert cfg.dataset.source == "etl9g" and cfg.dataset.classes == "etl9_3036"
+
+
+@pytest.mark.parametrize("experiment", GROUPS["experiment"])
+def test_article_recipes(tmp_path, experiment):
+    cfg = data_config(tmp_path, f"experiment={experiment}", config_name="config")
+    assert cfg.model.name == "article"
+    assert cfg.preprocess.size == 48
+    assert cfg.trainer.optimizer == "adam"
+    assert cfg.callbacks.early_stopping.patience == 8
+    assert cfg.callbacks.reduce_lr.factor == 0.5 and cfg.callbacks.reduce_lr.patience == 3
+    if experiment == "article_kmnist":
+        assert cfg.augment.enabled is False and cfg.split.method == "official"
+    else:
+        assert cfg.augment.enabled is True and cfg.split.method == "random"
+    if experiment == "article_kanji3036":
+        assert cfg.model.activation == "tanh" and cfg.model.dense_units > 512
+
+
+def test_debug_run_is_tiny(tmp_path):
+    cfg = data_config(tmp_path, "debug=default", config_name="config")
+    assert cfg.trainer.epochs <= 2 and cfg.dataset.limit_classes <= 5
+    assert cfg.synthetic.writers <= 12
