@@ -1,18 +1,18 @@
 """Every config group choice composes with every other, and the recipes say what they claim."""
 
 import itertools
+from pathlib import Path
 
 import pytest
-from data_config import data_config
 from omegaconf import OmegaConf
 
+from data_config import data_config
 from hwexp import CONF_DIR
 from hwexp.data.dataset import class_set_of, dataset_sources
 from hwexp.data.preprocess import PreprocessOptions
 
 GROUPS = {
-    group: sorted(p.stem for p in (CONF_DIR_PATH / group).glob("*.yaml"))
-    for CONF_DIR_PATH in [__import__("pathlib").Path(CONF_DIR)]
+    group: sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
     for group in ("dataset", "model", "augment", "experiment")
 }
 NEEDS_PATH = {"folder": ["dataset.path=/nonexistent"]}
