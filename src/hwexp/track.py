@@ -64,24 +64,6 @@ DEFAULT_EXPERIMENT = "hwexp"
 HAS_MODEL_TAG = "hwexp.has_model"  # set once a run's model artifact is complete
 _INVALID_KEY_CHARS = re.compile(r"[^\w\-./ ]")  # MLflow also allows ":", but not on Windows
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
-# Fonts tried first when looking for one that draws Japanese; any font whose character map
-# covers kana and kanji is accepted otherwise.
-PREFERRED_CJK_FONTS = (
-    "Noto Sans CJK JP",
-    "Noto Sans JP",
-    "Source Han Sans JP",
-    "IPAexGothic",
-    "IPAGothic",
-    "TakaoGothic",
-    "Hiragino Sans",
-    "Yu Gothic",
-    "MS Gothic",
-    "VL Gothic",
-    "Droid Sans Fallback",
-)
-# Distinct glyphs for these prove real coverage; fallback fonts such as matplotlib's bundled
-# "Last Resort" map whole Unicode blocks to one placeholder glyph.
-_CJK_PROBE = "あいアイ漢字"
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -163,26 +145,11 @@ def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None =
 
 @functools.lru_cache(maxsize=1)
 def cjk_font_path() -> str | None:
-    """Path of an installed font that draws kana and kanji (preferred families first), or None."""
-    from matplotlib import font_manager, ft2font
+    """Path of a font that draws kana and kanji (the one hwexp installs), or None."""
+    from hwexp.synth.fonts import display_font
 
-    entries = sorted(
-        font_manager.fontManager.ttflist,
-        key=lambda f: (
-            PREFERRED_CJK_FONTS.index(f.name)
-            if f.name in PREFERRED_CJK_FONTS
-            else len(PREFERRED_CJK_FONTS)
-        ),
-    )
-    for entry in entries:
-        try:
-            charmap = ft2font.FT2Font(entry.fname).get_charmap()
-        except (OSError, RuntimeError, ValueError):
-            continue
-        glyphs = [charmap.get(ord(c)) for c in _CJK_PROBE]
-        if None not in glyphs and len(set(glyphs)) == len(glyphs):
-            return entry.fname
-    return None
+    face = display_font()
+    return face.path if face else None
 
 
 def codepoints(chars: str) -> str:
@@ -596,3 +563,85 @@ def load_trained_model(client: MlflowClient, run_id: str) -> TrainedModel:
         config_path = Path(client.download_artifacts(run_id, "config.yaml", tmp))
         config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
     return TrainedModel(run_id, model, classes, config, dict(run.data.metrics))
+
+
+# --------------------------------------------------------------------------- exports and registry
+
+EXPORTED_TAG = "hwexp.exported"  # "true" once a verified export is logged to a run
+SWEEP_ID_TAG = "hwexp.sweep_id"  # on a sweep's parent run: the absolute hydra.sweep.dir
+
+
+def log_export(
+    client: MlflowClient,
+    run_id: str,
+    folder: str | Path,
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str] | None = None,
+    artifact_path: str = "export",
+) -> str:
+    """Log a verified export to an existing (usually finished) run without changing its status:
+    every file under ``folder`` as artifacts under ``artifact_path``, ``metrics`` (step 0) and
+    ``tags`` plus ``hwexp.exported=true``. Returns the artifact URI of ``artifact_path``."""
+    run = client.get_run(run_id)
+    tracker = Tracker(client, run_id, run.info.experiment_id)
+    client.log_artifacts(run_id, str(folder), artifact_path)
+    tracker.log_metrics(metrics)
+    tracker.set_tags({**(tags or {}), EXPORTED_TAG: "true"})
+    return f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+
+
+def register_model(
+    client: MlflowClient,
+    name: str,
+    run_id: str,
+    source: str,
+    tags: Mapping[str, str] | None = None,
+    description: str | None = None,
+) -> str:
+    """Register ``source`` (an artifact URI of run ``run_id``, e.g. from ``log_export``) as a new
+    version of registered model ``name`` (created when missing). Returns the version number.
+
+    Raises:
+        MlflowException: the tracking store has no model registry (e.g. a plain file store).
+    """
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description=description)
+        except MlflowException:  # created meanwhile by another process
+            client.get_registered_model(name)
+    version = client.create_model_version(
+        name,
+        source,
+        run_id=run_id,
+        tags={key: str(value) for key, value in (tags or {}).items()},
+        description=description,
+    )
+    return str(version.version)
+
+
+def find_sweep_parent(client: MlflowClient, sweep_id: str) -> str:
+    """Id of the parent run tagged ``hwexp.sweep_id = sweep_id`` (the newest when several).
+
+    Raises:
+        RunNotFound: no run in any experiment carries that tag.
+    """
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    escaped = sweep_id.replace("'", "\\'")
+    runs = (
+        client.search_runs(
+            experiment_ids,
+            f"tags.`{SWEEP_ID_TAG}` = '{escaped}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if experiment_ids
+        else []
+    )
+    if not runs:
+        raise RunNotFound(
+            f"no MLflow run in {client.tracking_uri} has tag {SWEEP_ID_TAG}={sweep_id!r}; the "
+            "sweep's parent run must carry it (see hwexp.export, 'After a sweep')"
+        )
+    return runs[0].info.run_id

@@ -10,21 +10,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from hwexp.data.cache import PreparedSource
-from hwexp.data.errors import DataError
 from hwexp.fsutil import atomic_write_bytes
 
 
 @lru_cache(maxsize=1)
 def japanese_font(size: int = 20) -> ImageFont.ImageFont | None:
     """A font with Japanese glyphs for labels, or None when the machine has none."""
-    try:
-        from hwexp.synth.fonts import resolve_fonts
-        from hwexp.synth.options import SynthOptions
+    from hwexp.synth.fonts import display_font
 
-        faces = resolve_fonts(tuple(SynthOptions().fonts), True)
-    except (ImportError, DataError):
-        return None
-    return ImageFont.truetype(faces[0].path, size, index=faces[0].index) if faces else None
+    face = display_font()
+    return ImageFont.truetype(face.path, size, index=face.index) if face else None
 
 
 def sample_grid(

@@ -187,3 +187,17 @@ def glyph_bitmap(face: FontFace, char: str) -> np.ndarray:
     bitmap = np.asarray(image, dtype=np.float32) / 255.0
     bitmap.setflags(write=False)
     return bitmap
+
+
+@lru_cache(maxsize=1)
+def display_font() -> FontFace | None:
+    """A face with kana and kanji for labels in pictures and plots: the fonts hwexp installs
+    (IPAexGothic, Noto Sans CJK JP), else a Japanese system font; None if there is none."""
+    from hwexp.synth.options import DEFAULT_FONTS
+
+    try:
+        faces = resolve_fonts(DEFAULT_FONTS, False)
+    except FontUnavailable:
+        faces = ()
+    faces = faces or tuple(system_faces())
+    return faces[0] if faces else None
