@@ -5,6 +5,8 @@ import sys
 from PIL import Image
 
 from etl_fixtures import make_etl8g_tree
+from hwexp.data.download import ENV_KMNIST_BASE_URL
+from test_download import fake_kmnist_files
 
 
 def run_cli(root, *args):
@@ -51,3 +53,24 @@ def test_missing_files_exit_1_with_message(tmp_path):
 def test_usage_on_unknown_command(tmp_path):
     result = run_cli(tmp_path, "frobnicate")
     assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_download_command_verifies_md5_against_a_local_mirror(tmp_path, serve):
+    files = fake_kmnist_files(tmp_path)  # cannot match the official md5s
+    server = serve({f"kmnist/{name}": data for name, data in files.items()})
+    env = os.environ | {
+        "HWEXP_ROOT": str(tmp_path),
+        ENV_KMNIST_BASE_URL: f"{server.base_url}/kmnist",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "hwexp.data", "download", "kmnist"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "md5" in result.stderr and "kmnist-train-imgs.npz" in result.stderr
+    assert not (tmp_path / "data" / "raw" / "kmnist" / "kmnist-train-imgs.npz").exists()
+    assert server.requests  # it did fetch from the mirror on 127.0.0.1

@@ -532,7 +532,9 @@ def check_tensor_io(predictor_path: Path, variant: str, size: int, classes: int)
         given, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
         in_shape, out_shape = list(given["shape_signature"]), list(out["shape_signature"])
         dtype = np.dtype(given["dtype"])
-        random_ops = False  # TFLite has no random builtin in these graphs; parity shows it
+        ops_details = getattr(interpreter, "_get_ops_details", list)  # absent: parity shows it
+        op_names = {str(op.get("op_name", "")) for op in ops_details()}
+        random_ops = any("RANDOM" in name or name == "MULTINOMIAL" for name in op_names)
     else:
         import onnx
         import onnxruntime
@@ -792,6 +794,7 @@ def export_run(cfg: DictConfig) -> ExportResult:
     out_root.mkdir(parents=True, exist_ok=True)
     final = out_root / run_id
     staging = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=out_root))
+    staging.chmod(0o755)  # mkdtemp's 0700 would stay on the final folder
     try:
         try:
             exported = _convert_all(cfg, model, trained, splits.train, staging)
@@ -858,7 +861,11 @@ def _log_and_register(
         "coreml_package": coreml.name if coreml else "",
         "coreml_weights": str(cfg["coreml"]["weights"]),
         "ink": INK,
-        **{k.removeprefix("export/"): f"{v:.6g}" for k, v in metrics.items()},
+        **{
+            k.removeprefix("export/"): f"{v:.4f}"
+            for k, v in metrics.items()
+            if k.endswith(("/accuracy", "/agreement"))
+        },
     }
     description = f"hwexp export of run {trained.run_id} ({', '.join(sorted(files))})"
     version = register_model(client, name, trained.run_id, source, tags, description)

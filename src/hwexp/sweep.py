@@ -349,8 +349,6 @@ def run_trial(splits: PreparedSplits, cfg: DictConfig) -> dict[str, float]:
     """
     import keras
 
-    from hwexp.train import train_and_evaluate
-
     keras.backend.clear_session()  # trials may share a process (basic launcher, joblib worker)
     ref = SweepTrial.from_config(cfg[TRIAL_BLOCK])
     storage, trial = ref.open()
@@ -359,18 +357,32 @@ def run_trial(splits: PreparedSplits, cfg: DictConfig) -> dict[str, float]:
             tracker = _trial_run(ref, trial, cfg.tracking)
             hook = PruningHook(trial, ref.monitor)
             with tracker if tracker is not None else contextlib.nullcontext():
-                try:
-                    return train_and_evaluate(splits, cfg, tracker, hook)
-                except optuna.TrialPruned:
-                    if tracker is not None:
-                        tracker.log_history(hook.history)
-                        tracker.end("KILLED")
-                    raise
+                return _train(splits, cfg, tracker, hook)
         except optuna.TrialPruned:
             raise
         except Exception as error:
-            trial.set_user_attr(ERROR_ATTR, error_text(error))
+            with contextlib.suppress(Exception):  # the trial may be finished already
+                trial.set_user_attr(ERROR_ATTR, error_text(error))
             raise
+
+
+def _train(
+    splits: PreparedSplits,
+    cfg: DictConfig,
+    tracker: Tracker | None,
+    hook: PruningHook,
+) -> dict[str, float]:
+    """``train_and_evaluate`` with ``hook``; when pruned, the run gets the curves so far
+    (``training/history.csv``, ``training/curves.png``) and ends KILLED."""
+    from hwexp.train import train_and_evaluate
+
+    try:
+        return train_and_evaluate(splits, cfg, tracker, hook)
+    except optuna.TrialPruned:
+        if tracker is not None:
+            tracker.log_history(hook.history)
+            tracker.end("KILLED")
+        raise
 
 
 def _trial_run(
@@ -400,7 +412,7 @@ class StudyRun:
     (its id is the study's user attr ``mlflow_parent_run_id``).
 
     It holds the study's settings as params (sampler, pruner, search space, storage, ...), the
-    tag ``hwexp.sweep_id`` (the absolute ``hydra.sweep.dir`` of the worker that created it),
+    tag ``hwexp.sweep_id`` (the absolute ``hydra.sweep.dir`` of the worker that started last),
     and after ``summarize``: ``best/value`` and trial counts as metrics, ``best.*`` tags,
     ``study/trials.csv``, ``study/best.json`` and the optimisation-history, intermediate-values
     and parameter-importance plots. Its children are the trials' runs; the best one is tagged
@@ -440,9 +452,10 @@ class StudyRun:
         while run_id is None and time.monotonic() < deadline:
             time.sleep(poll_s)
             run_id = study.user_attrs.get(PARENT_RUN_ATTR)
-        if run_id is not None:
+        if run_id is not None:  # the latest worker's sweep dir finds it (hwexp.export)
             tracker = open_run(tracking_cfg, run_id)
             set_run_status(tracker, "RUNNING")
+            tracker.set_tags({SWEEP_ID_TAG: sweep_id})
             return cls(tracker)
         tags = {
             SWEEP_ID_TAG: sweep_id,

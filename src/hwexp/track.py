@@ -645,3 +645,64 @@ def find_sweep_parent(client: MlflowClient, sweep_id: str) -> str:
             "sweep's parent run must carry it (see hwexp.export, 'After a sweep')"
         )
     return runs[0].info.run_id
+
+
+# --------------------------------------------------------------------------- sweeps
+
+BEST_TRIAL_TAG = "hwexp.best_trial"  # "true" on the child run of a study's best trial
+RUN_STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
+
+
+def open_run(tracking_cfg: Mapping[str, Any], run_id: str) -> Tracker:
+    """A ``Tracker`` for the existing run ``run_id`` (any status), e.g. a sweep's parent run
+    reached from a trial's process.
+
+    Raises:
+        RunNotFound: no such run in the configured store.
+    """
+    client = client_for(tracking_cfg)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as error:
+        raise RunNotFound(f"run {run_id!r} does not exist in {client.tracking_uri}") from error
+    return Tracker(client, run_id, run.info.experiment_id)
+
+
+def run_status(tracker: Tracker) -> str:
+    """The run's MLflow status: ``RUNNING`` | ``FINISHED`` | ``FAILED`` | ``KILLED`` | ..."""
+    return tracker.client.get_run(tracker.run_id).info.status
+
+
+def set_run_status(tracker: Tracker, status: str) -> None:
+    """Set the run's status, any number of times (unlike ``Tracker.end``): a study's parent run
+    is reopened (``RUNNING``) on every resume. Ending statuses also set the end time."""
+    if status not in RUN_STATUSES:
+        raise ValueError(f"unknown run status {status!r}: {' | '.join(RUN_STATUSES)}")
+    if status == "RUNNING":
+        tracker.client.update_run(tracker.run_id, status=status)
+    else:
+        tracker.client.set_terminated(tracker.run_id, status)
+
+
+def mark_best_child(parent: Tracker, child_run_id: str | None) -> None:
+    """Tag ``child_run_id`` with ``hwexp.best_trial=true`` and remove that tag from every other
+    child of ``parent`` (``child_run_id`` None: from all of them)."""
+    tagged = parent.client.search_runs(
+        [parent.experiment_id],
+        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}' and tags.`{BEST_TRIAL_TAG}` = 'true'",
+        max_results=1000,
+    )
+    for run in tagged:
+        if run.info.run_id != child_run_id:
+            parent.client.delete_tag(run.info.run_id, BEST_TRIAL_TAG)
+    if child_run_id:
+        parent.client.set_tag(child_run_id, BEST_TRIAL_TAG, "true")
+
+
+def child_runs(parent: Tracker) -> list[Any]:
+    """The child runs of ``parent`` (MLflow ``Run`` objects, any status)."""
+    return parent.client.search_runs(
+        [parent.experiment_id],
+        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.run_id}'",
+        max_results=10000,
+    )

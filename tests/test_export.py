@@ -1,0 +1,303 @@
+import json
+import sys
+from pathlib import Path
+
+import coremltools as ct
+import numpy as np
+import onnx
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from data_config import data_config
+from hwexp import CONF_DIR
+from hwexp.__main__ import run_training
+from hwexp.data.dataset import load_splits
+from hwexp.data.errors import ConfigError
+from hwexp.export import (
+    ExportAfterSweep,
+    ExportError,
+    check_coreml,
+    export_run,
+    inference_model,
+    main,
+    onnx_predictor,
+    run_data_config,
+    sweep_export_config,
+    tflite_predictor,
+)
+from hwexp.model import build_model
+from hwexp.track import (
+    EXPORTED_TAG,
+    SWEEP_ID_TAG,
+    RunNotFound,
+    Tracker,
+    client_for,
+    find_run,
+    load_trained_model,
+)
+
+EXPERIMENT = "hwexp-debug"
+
+
+def export_config(root, *overrides):
+    return data_config(root, f"select.experiment={EXPERIMENT}", *overrides, config_name="export")
+
+
+def log_run(tracking_cfg, source, model=None, metrics=None, parent=None, name="copy"):
+    """A new finished run holding ``model`` (default: the source's) with the source's config."""
+    with Tracker.from_config(tracking_cfg, run_name=name, parent=parent) as tracker:
+        tracker.log_config(OmegaConf.create(source.config))
+        tracker.log_model(model if model is not None else source.model, source.classes)
+        tracker.log_metrics(metrics or {})
+    return tracker.run_id
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    cfg = data_config(root, "debug=default", "trainer.verbose=0", config_name="config")
+    metrics = run_training(cfg)
+    client = client_for(cfg.tracking)
+    run_id = find_run(client, "best", EXPERIMENT)
+    return root, cfg, metrics, load_trained_model(client, run_id)
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    root, _, _, model = trained
+    cfg = export_config(root, "run=best", "formats=[coreml,coreml_nn,tflite,onnx]")
+    return cfg, export_run(cfg)
+
+
+@pytest.fixture(scope="module")
+def test_images(trained):
+    root, cfg, _, model = trained
+    test = load_splits(run_data_config(export_config(root), model.config), progress=False).test
+    return np.asarray(test.images)[..., np.newaxis], np.asarray(test.labels)
+
+
+def test_exports_every_format_logs_and_registers(trained, exported):
+    root, _, train_metrics, model = trained
+    cfg, result = exported
+    assert result.folder == Path(root, "outputs", "exports", model.run_id)
+    assert set(result.files) == {"coreml", "coreml_nn", "tflite_fp32", "tflite_int8", "onnx"}
+    assert all(path.exists() for path in result.files.values())
+    assert result.files["coreml"].name == "synthetic.mlpackage"
+    classes = (result.folder / "classes.txt").read_text("utf-8").splitlines()
+    assert tuple(classes) == model.classes
+    report = json.loads((result.folder / "export.json").read_text("utf-8"))
+    assert report["run_id"] == model.run_id and report["ink"] == "white-on-black"
+    # no staging folders left beside the export
+    assert [p.name for p in result.folder.parent.iterdir()] == [model.run_id]
+    m = result.metrics
+    assert m["export/keras/accuracy"] == pytest.approx(train_metrics["test/accuracy"])
+    for variant in ("tflite_fp32", "onnx"):
+        assert m[f"export/{variant}/agreement"] >= 0.999
+        assert m[f"export/{variant}/accuracy"] == pytest.approx(m["export/keras/accuracy"])
+    assert 0.0 <= m["export/tflite_int8/accuracy"] <= 1.0
+    assert m["export/tflite_int8/size_bytes"] < 0.5 * m["export/tflite_fp32/size_bytes"]
+    assert m["export/coreml/size_bytes"] < 0.7 * m["export/tflite_fp32/size_bytes"]  # fp16
+
+    client = client_for(cfg.tracking)
+    run = client.get_run(model.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[EXPORTED_TAG] == "true"
+    assert run.data.metrics["export/onnx/agreement"] == m["export/onnx/agreement"]
+    logged = {a.path for a in client.list_artifacts(model.run_id, "export")}
+    assert {"export/synthetic.mlpackage", "export/synthetic.onnx", "export/classes.txt"} <= logged
+    name, version = result.registered.split("/")
+    assert name == "synthetic"
+    registered = client.get_model_version(name, version)
+    assert registered.run_id == model.run_id
+    assert registered.source.endswith("/export")
+    assert registered.tags["coreml_package"] == "synthetic.mlpackage"
+
+
+def test_coreml_specs_read_back(trained, exported):
+    _, _, _, model = trained
+    _, result = exported
+    for variant in ("coreml", "coreml_nn"):
+        checks = check_coreml(result.files[variant], model.classes, 48, model.run_id)
+        failed = [k for k, ok in checks.items() if ok is False]
+        assert not failed, (variant, checks)
+        assert checks["input_scale"] == pytest.approx(1 / 255, rel=1e-3)
+        assert checks["input_bias"] == 0.0
+    package = ct.models.MLModel(str(result.files["coreml"]), skip_model_load=True)
+    spec = package.get_spec()
+    assert spec.WhichOneof("Type") == "mlProgram" and spec.specificationVersion == 6  # iOS 15
+    assert package.author == "hwexp" and "licence" in package.license
+    assert package.version.endswith(model.run_id[:8])
+    meta = package.user_defined_metadata
+    assert meta["hwexp.run_id"] == model.run_id
+    assert meta["hwexp.test_accuracy"] == f"{model.metrics['test/accuracy']:.4f}"
+    assert meta["hwexp.ink"] == "white-on-black"
+    assert "WHITE (255) on BLACK (0)" in package.input_description["image"]
+    old = ct.models.MLModel(str(result.files["coreml_nn"]), skip_model_load=True).get_spec()
+    assert old.WhichOneof("Type") == "neuralNetworkClassifier" and old.specificationVersion <= 4
+
+
+def test_coreml_check_catches_double_scaling_wrong_labels_and_size(trained, tmp_path):
+    _, _, _, model = trained
+    doubly_scaled = ct.convert(
+        inference_model(model.model),
+        source="tensorflow",
+        inputs=[
+            ct.ImageType(
+                name="image",
+                shape=(1, 48, 48, 1),
+                scale=1 / 255,
+                color_layout=ct.colorlayout.GRAYSCALE,
+            )
+        ],
+        classifier_config=ct.ClassifierConfig(list(model.classes)),
+        minimum_deployment_target=ct.target.iOS15,
+    )
+    path = tmp_path / "bad.mlpackage"
+    doubly_scaled.save(str(path))
+    checks = check_coreml(path, model.classes, 48, model.run_id)
+    assert checks["scaling_once"] is False
+    assert checks["input_scale"] == pytest.approx(1 / 255**2, rel=1e-2)
+    assert checks["run_id_in_metadata"] is False
+    assert checks["labels_match"] is True
+    assert check_coreml(path, model.classes[::-1], 48, model.run_id)["labels_match"] is False
+    assert check_coreml(path, model.classes, 64, model.run_id)["input_size"] is False
+
+
+def test_tflite_and_onnx_match_keras(trained, exported, test_images):
+    _, _, _, model = trained
+    _, result = exported
+    images, _ = test_images
+    reference = np.asarray(inference_model(model.model)(images, training=False))
+    for variant, runner in (("tflite_fp32", tflite_predictor), ("onnx", onnx_predictor)):
+        probs = runner(result.files[variant], threads=1)(images)
+        np.testing.assert_allclose(probs, reference, atol=1e-4)
+        single = runner(result.files[variant], threads=1)(images[:1])
+        np.testing.assert_allclose(single, reference[:1], atol=1e-4)
+    int8 = tflite_predictor(result.files["tflite_int8"])(images)
+    assert int8.shape == reference.shape and np.all(np.isfinite(int8))
+    graph = onnx.load(str(result.files["onnx"]))
+    assert [i.name for i in graph.graph.input] == ["image"]
+    assert [o.name for o in graph.graph.output] == ["probabilities"]
+    props = {p.key: p.value for p in graph.metadata_props}
+    assert json.loads(props["hwexp.classes"]) == list(model.classes)
+
+
+def test_model_with_augmentation_exports_without_randomness(trained, test_images, tmp_path):
+    root, cfg, _, source = trained
+    augmented = build_model(cfg.model, cfg.augment, len(source.classes), 48, seed=None)
+    for layer in source.model.layers:
+        if layer.weights:
+            augmented.get_layer(layer.name).set_weights(layer.get_weights())
+    assert any(layer.name.startswith("augment_") for layer in augmented.layers)
+    run_id = log_run(cfg.tracking, source, augmented, name="augmented")
+    images, _ = test_images
+    trained_mode = [np.asarray(augmented(images, training=True)) for _ in range(2)]
+    assert not np.allclose(trained_mode[0], trained_mode[1])  # the layers really are random
+    reference = np.asarray(augmented(images, training=False))
+
+    outputs = []
+    for attempt in range(2):
+        cfg_export = export_config(
+            root,
+            f"run={run_id}",
+            "formats=[tflite,onnx]",
+            "tflite.int8=false",
+            f"output_dir={tmp_path}/out{attempt}",
+            "log=false",
+            "register=false",
+        )
+        result = export_run(cfg_export)
+        assert result.registered is None
+        outputs.append(
+            {
+                "tflite": tflite_predictor(result.files["tflite_fp32"])(images),
+                "onnx": onnx_predictor(result.files["onnx"])(images),
+            }
+        )
+    for runtime in ("tflite", "onnx"):
+        np.testing.assert_array_equal(outputs[0][runtime], outputs[1][runtime])
+        np.testing.assert_allclose(outputs[0][runtime], reference, atol=1e-4)
+    stripped = inference_model(load_trained_model(client_for(cfg.tracking), run_id).model)
+    assert not any(layer.name.startswith("augment_") for layer in stripped.layers)
+
+
+def test_failed_check_fails_and_writes_nothing(trained, tmp_path):
+    root, _, _, model = trained
+    previous = tmp_path / model.run_id
+    previous.mkdir()
+    (previous / "old.txt").write_text("previous export")
+    cfg = export_config(
+        root,
+        f"run={model.run_id}",
+        "formats=[onnx]",
+        "verify.min_agreement=1.01",  # unreachable: the check must fail
+        f"output_dir={tmp_path}",
+    )
+    client = client_for(cfg.tracking)
+    logged_before = len(client.get_metric_history(model.run_id, "export/onnx/agreement"))
+    with pytest.raises(ExportError, match="failed its checks.*onnx: agreement"):
+        export_run(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model.run_id]
+    assert sorted(p.name for p in previous.iterdir()) == ["old.txt"]
+    logged_after = len(client.get_metric_history(model.run_id, "export/onnx/agreement"))
+    assert logged_after == logged_before  # nothing logged for a failed export
+
+
+def test_unknown_run_and_run_without_model_are_clear_errors(trained, monkeypatch, capsys):
+    root, cfg, _, _ = trained
+    with pytest.raises(RunNotFound, match="does not exist"):
+        export_run(export_config(root, "run=0123456789abcdef0123456789abcdef"))
+    with Tracker.from_config(cfg.tracking, run_name="no model") as empty:
+        pass
+    with pytest.raises(RunNotFound, match="has no model"):
+        export_run(export_config(root, f"run={empty.run_id}"))
+    with pytest.raises(ConfigError, match="formats"):
+        export_run(export_config(root, "formats=[png]"))
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["hwexp.export", "run=0123456789abcdef0123456789abcdef", f"paths.root_dir={root}"],
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_after_sweep_exports_best_child_by_optimized_metric(trained, tmp_path):
+    root, cfg, _, source = trained
+    sweep_dir = tmp_path / "multirun" / "sweep"
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        sweep_cfg = compose(
+            "config",
+            overrides=[
+                f"paths.root_dir={root}",
+                "debug=default",
+                f"hydra.sweep.dir={sweep_dir}",
+            ],
+            return_hydra_config=True,
+        )
+    callback = ExportAfterSweep(overrides=["formats=[onnx]", "register=false"])
+    with pytest.raises(RunNotFound, match=SWEEP_ID_TAG):
+        callback.on_multirun_end(sweep_cfg)
+
+    with Tracker.from_config(
+        cfg.tracking, run_name="sweep", tags={SWEEP_ID_TAG: str(sweep_dir.resolve())}
+    ) as parent:
+        best_val = log_run(
+            cfg.tracking, source, metrics={"val/accuracy": 0.9, "test/accuracy": 0.1}, parent=parent
+        )
+        log_run(
+            cfg.tracking, source, metrics={"val/accuracy": 0.5, "test/accuracy": 0.9}, parent=parent
+        )
+    export_cfg = sweep_export_config(sweep_cfg, parent.run_id, ["formats=[onnx]"])
+    assert export_cfg.select.metric == "val/accuracy"  # the sweep's optimized_metric
+    assert export_cfg.select.parent_run == parent.run_id
+    callback.on_multirun_end(sweep_cfg)
+    assert callback.result.run_id == best_val
+    assert set(callback.result.files) == {"onnx"}
+    assert callback.result.files["onnx"].is_file()
+    disabled = ExportAfterSweep(enabled=False)
+    disabled.on_multirun_end(sweep_cfg)
+    assert disabled.result is None
