@@ -21,10 +21,16 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     """Prepare ``cfg.dataset``, train ``cfg.model`` on it and return the test/val metrics.
 
     Data is prepared before TensorFlow is imported, so data workers can be forked cheaply.
+    With a ``sweep_trial`` block (set by ``hydra/sweeper=hwexp_optuna``) this is one trial of an
+    Optuna study: see ``hwexp.sweep.run_trial``.
     """
     from hwexp.data.dataset import load_splits
 
     splits = load_splits(cfg)
+    if cfg.get("sweep_trial") is not None:
+        from hwexp.sweep import run_trial
+
+        return run_trial(splits, cfg)
     from hwexp.track import Tracker, default_tracking_uri
     from hwexp.train import train_and_evaluate
 

@@ -177,7 +177,8 @@ class Heartbeat:
 
 
 def failure_kind(trial: FrozenTrial) -> str | None:
-    """``error`` | ``interrupted`` | ``surplus`` for a FAIL trial (see the module doc), else None."""
+    """``error`` | ``interrupted`` | ``surplus`` for a FAIL trial (see the module doc), or
+    None for a trial in another state."""
     if trial.state != TrialState.FAIL:
         return None
     if SURPLUS_ATTR in trial.user_attrs:

@@ -9,6 +9,7 @@ user's image tree) and ``synthetic`` (rendered handwriting, no files needed).
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -20,6 +21,8 @@ from hwexp.data import etl, folder, kmnist
 from hwexp.data.cache import file_signature
 from hwexp.data.errors import ConfigError, DataError
 from hwexp.data.raw import ChunkTask, RawChunk
+
+log = logging.getLogger(__name__)
 
 ETL_SOURCES = ("etl1c", "etl8g", "etl9g", "etl8b2", "etl9b")
 KMNIST_SOURCES = ("kmnist", "k49")
@@ -128,6 +131,8 @@ def _plan_synthetic(classes: Sequence[str], options: Mapping, base: dict) -> Sou
             f"the synthetic renderer has no strokes for {len(missing)} character(s): "
             f"{''.join(missing)}; drop them from dataset.classes or use another source"
         )
+    if synth_options.font_ratio > 0:
+        _report_font_gaps(classes, synth_options)
     try:
         renderer_version = metadata.version("kanjivg")
     except metadata.PackageNotFoundError:
@@ -151,6 +156,25 @@ def _plan_synthetic(classes: Sequence[str], options: Mapping, base: dict) -> Sou
         return tasks
 
     return SourcePlan("synthetic", description, make_tasks)
+
+
+def _report_font_gaps(classes: Sequence[str], synth_options) -> None:
+    """Say which fonts lack which characters (their writers draw those from KanjiVG)."""
+    from hwexp.synth.fonts import font_coverage
+
+    gaps = font_coverage(classes, synth_options.fonts, synth_options.system_fonts)
+    for face, missing in gaps.items():
+        if missing:
+            shown = "".join(missing[:30]) + (
+                f" (+{len(missing) - 30} more)" if len(missing) > 30 else ""
+            )
+            log.warning(
+                "font %s lacks %d of the %d characters: %s; its writers draw them from KanjiVG",
+                face,
+                len(missing),
+                len(classes),
+                shown,
+            )
 
 
 def render_writers(chars: tuple[str, ...], writers: tuple[int, ...], options) -> RawChunk:

@@ -1,19 +1,15 @@
 """The search space: ``hydra.sweeper.params`` and the command line's overrides, parsed with
 Hydra's override grammar into Optuna distributions and fixed overrides.
 
-=====================================  ==============================================
-expression                             Optuna distribution
-=====================================  ==============================================
-``interval(a, b)``                     ``FloatDistribution(a, b)``
-``int(interval(a, b))``                ``IntDistribution(a, b)``
-``tag(log, interval(a, b))``           ``FloatDistribution(a, b, log=True)`` (int: ``IntDistribution``)
-``range(a, b[, s])``                   ``IntDistribution(a, last, s)``, last = the range's last value
-                                       (floats: ``FloatDistribution(a, last, step=s)``)
-``choice(x, y, ...)`` or ``x,y,...``   ``CategoricalDistribution``; lists/dicts are kept as their
-                                       override text (``[32,64]``)
-``glob(...)``                          ``CategoricalDistribution`` of the matching config options
-anything else                          a fixed override, passed to every trial as written
-=====================================  ==============================================
+* ``interval(a, b)``: ``FloatDistribution(a, b)``;
+* ``int(interval(a, b))``: ``IntDistribution(a, b)``;
+* ``tag(log, interval(a, b))`` (or of ``int(interval(...))``): the same with ``log=True``;
+* ``range(a, b[, s])``: ``IntDistribution(a, last, step=s)`` with ``last`` the range's last
+  value (float bounds or step: ``FloatDistribution(a, last, step=s)``);
+* ``choice(x, y, ...)`` or ``x,y,...``: ``CategoricalDistribution``; list and dict choices are
+  kept as their override text (``[32,64]``);
+* ``glob(...)``: ``CategoricalDistribution`` of the matching config options;
+* anything else: a fixed override, passed to every trial as written.
 
 Unlike hydra-optuna-sweeper, ``range`` excludes its stop (as Hydra and Python do) and string
 choices are quoted where Hydra would misread them. Later entries win: the command line
@@ -145,9 +141,7 @@ def search_param(override: Override) -> SearchParam:
         step = float(value.step)
         return param(FloatDistribution(float(values[0]), float(values[-1]), step=step))
     if isinstance(value, ChoiceSweep) or override.is_choice_sweep():
-        choices = [
-            c.text if isinstance(c, QuotedString) else c for c in override.sweep_iterator()
-        ]
+        choices = [c.text if isinstance(c, QuotedString) else c for c in override.sweep_iterator()]
         if not choices:
             raise ValueError(f"{override.input_line}: no choices")
         if all(isinstance(c, PRIMITIVES) for c in choices):

@@ -3,10 +3,10 @@
 successive_halving, hyperband, none).
 
 Hydra imports this module while scanning for plugins in every Hydra application, so it stays
-free of Optuna and hwexp imports.
+free of Optuna and hwexp imports. (No ``from __future__ import annotations``: Hydra's scan
+executes the module outside ``sys.modules``, where dataclasses cannot resolve string
+annotations.)
 """
-
-from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,7 +117,9 @@ class HwexpOptunaSweeperConf:
 def register() -> None:
     """Store the sweeper and its sampler/pruner options in Hydra's ConfigStore."""
     store = ConfigStore.instance()
-    store.store(group="hydra/sweeper", name="hwexp_optuna", node=HwexpOptunaSweeperConf, provider=PROVIDER)
+    store.store(
+        group="hydra/sweeper", name="hwexp_optuna", node=HwexpOptunaSweeperConf, provider=PROVIDER
+    )
     for name, node in {"tpe": TPESamplerConf, "random": RandomSamplerConf}.items():
         store.store(group="hydra/sweeper/sampler", name=name, node=node, provider=PROVIDER)
     pruners = {
