@@ -237,6 +237,11 @@ def to_coreml(
         minimum_deployment_target=target,
     )
     mlmodel = _compress_coreml(ct, mlmodel, weights, neuralnetwork)
+    spec = mlmodel.get_spec()
+    if spec.description.predictedProbabilitiesName != CORE_ML_PROBS:  # neural networks
+        old_name = spec.description.predictedProbabilitiesName
+        ct.utils.rename_feature(spec, old_name, CORE_ML_PROBS)
+        mlmodel = ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir, skip_model_load=True)
     standard = ("short_description", "author", "license", "version")
     for key in standard:
         if metadata.get(key):

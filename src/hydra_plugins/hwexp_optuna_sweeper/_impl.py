@@ -53,6 +53,7 @@ from hwexp.sweep import (
     fail_stale_trials,
     masked_url,
     open_storage,
+    quiet_optuna,
     trial_id,
 )
 
@@ -328,7 +329,8 @@ class OptunaSweep:
                 if counts.errors > settings.failure_budget:
                     raise SweepAborted(self._abort_message(trials, counts))
                 if counts.done + counts.running < settings.n_trials:
-                    trial = study.ask(self._space.distributions)
+                    with quiet_optuna():
+                        trial = study.ask(self._space.distributions)
                     trial.set_user_attr(WORKER_ATTR, self.worker)
                     if not self._is_surplus(study, trial):
                         return trial
