@@ -28,6 +28,7 @@ from hwexp.export import (
 )
 from hwexp.model import build_model
 from hwexp.track import (
+    BEST_TRIAL_TAG,
     EXPORTED_TAG,
     SWEEP_ID_TAG,
     RunNotFound,
@@ -42,6 +43,17 @@ EXPERIMENT = "hwexp-debug"
 
 def export_config(root, *overrides):
     return data_config(root, f"select.experiment={EXPERIMENT}", *overrides, config_name="export")
+
+
+def _selection(cfg):
+    """``find_run`` arguments of an export config."""
+    select = cfg.select
+    return {
+        "ref": str(cfg.run),
+        "experiment": select.experiment,
+        "metric": select.metric,
+        "parent_run_id": select.parent_run,
+    }
 
 
 def log_run(tracking_cfg, source, model=None, metrics=None, parent=None, name="copy"):
@@ -137,7 +149,7 @@ def test_coreml_specs_read_back(trained, exported):
     assert old.WhichOneof("Type") == "neuralNetworkClassifier" and old.specificationVersion <= 4
 
 
-def test_coreml_check_catches_double_scaling_wrong_labels_and_size(trained, tmp_path):
+def test_coreml_check_catches_extra_scaling_wrong_labels_and_size(trained, tmp_path):
     _, _, _, model = trained
     doubly_scaled = ct.convert(
         inference_model(model.model),
@@ -156,8 +168,10 @@ def test_coreml_check_catches_double_scaling_wrong_labels_and_size(trained, tmp_
     path = tmp_path / "bad.mlpackage"
     doubly_scaled.save(str(path))
     checks = check_coreml(path, model.classes, 48, model.run_id)
+    # Scaled twice, or (coremltools casts the image scale to the uint8 model input's integer
+    # type, so 1/255 becomes 0) not at all: either way not the model's 1/255, once.
     assert checks["scaling_once"] is False
-    assert checks["input_scale"] == pytest.approx(1 / 255**2, rel=1e-2)
+    assert checks["input_scale"] != pytest.approx(1 / 255, rel=1e-2)
     assert checks["run_id_in_metadata"] is False
     assert checks["labels_match"] is True
     assert check_coreml(path, model.classes[::-1], 48, model.run_id)["labels_match"] is False
@@ -288,16 +302,29 @@ def test_after_sweep_exports_best_child_by_optimized_metric(trained, tmp_path):
         best_val = log_run(
             cfg.tracking, source, metrics={"val/accuracy": 0.9, "test/accuracy": 0.1}, parent=parent
         )
-        log_run(
+        best_test = log_run(
             cfg.tracking, source, metrics={"val/accuracy": 0.5, "test/accuracy": 0.9}, parent=parent
         )
     export_cfg = sweep_export_config(sweep_cfg, parent.run_id, ["formats=[onnx]"])
     assert export_cfg.select.metric == "val/accuracy"  # the sweep's optimized_metric
-    assert export_cfg.select.parent_run == parent.run_id
+    assert export_cfg.select.parent_run == parent.run_id and export_cfg.run == "best"
+    by_test = sweep_export_config(sweep_cfg, parent.run_id, ["select.metric=test/accuracy"])
+    assert find_run(client_for(cfg.tracking), **_selection(by_test)) == best_test
     callback.on_multirun_end(sweep_cfg)
     assert callback.result.run_id == best_val
     assert set(callback.result.files) == {"onnx"}
     assert callback.result.files["onnx"].is_file()
+
+    # The sweeper's best-trial tag (it knows the direction) wins over the metric ...
+    client_for(cfg.tracking).set_tag(best_test, BEST_TRIAL_TAG, "true")
+    assert sweep_export_config(sweep_cfg, parent.run_id, (), best_test).run == best_test
+    callback.on_multirun_end(sweep_cfg)
+    assert callback.result.run_id == best_test
+    # ... unless select.metric is given explicitly.
+    explicit = sweep_export_config(
+        sweep_cfg, parent.run_id, ["select.metric=val/accuracy"], best_test
+    )
+    assert explicit.run == "best"
     disabled = ExportAfterSweep(enabled=False)
     disabled.on_multirun_end(sweep_cfg)
     assert disabled.result is None

@@ -39,8 +39,10 @@ After a sweep
 ``ExportAfterSweep`` is a Hydra callback exporting the best trial of a sweep when the sweep ends.
 Convention shared with the sweeper: the sweep's MLflow *parent* run carries the tag
 ``hwexp.sweep_id`` = the absolute path of ``hydra.sweep.dir`` and every trial is a child run of
-it; the callback picks the child with the highest ``select.metric`` (default: the sweep's
-``optimized_metric``). Wire it with (the sweep helper does so for ``export.after_sweep=true``)::
+it; the callback exports the child with the highest ``select.metric`` when that is among its
+overrides, else the child the sweeper tagged ``hwexp.best_trial=true`` (direction-aware), else
+the child with the highest ``optimized_metric`` of the sweep. Wire it with (the sweep helper
+does so for ``export.after_sweep=true``)::
 
     hydra:
       callbacks:
@@ -386,9 +388,7 @@ def onnx_predictor(path: Path, threads: int | None = None) -> Predict:
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(
-        str(path), options, providers=["CPUExecutionProvider"]
-    )
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def predict(images: np.ndarray) -> np.ndarray:
         return session.run([OUTPUT_LAYER_NAME], {INPUT_LAYER_NAME: images})[0]
@@ -508,9 +508,7 @@ def check_coreml(path: Path, classes: Sequence[str], size: int, run_id: str) -> 
     if kind == "mlProgram":
         scale, bias, program = _mil_input_affine(spec, mlmodel.weights_dir)
         operations = list(program.functions["main"].operations)
-        labels = [
-            list(op.inputs["classes"].val) for op in operations if op.op_type == "classify"
-        ]
+        labels = [list(op.inputs["classes"].val) for op in operations if op.op_type == "classify"]
         op_types = {op.op_type for op in operations}
     elif kind == "neuralNetworkClassifier":
         network = spec.neuralNetworkClassifier
@@ -822,8 +820,7 @@ def export_run(cfg: DictConfig) -> ExportResult:
             "hwexp_version": __version__,
             "metrics": metrics,
             "files": {
-                e.variant: {"file": e.path.name, "checks": e.checks, **e.metrics}
-                for e in exported
+                e.variant: {"file": e.path.name, "checks": e.checks, **e.metrics} for e in exported
             },
         }
         if failed:
@@ -881,11 +878,15 @@ def _log_and_register(
 
 
 def sweep_export_config(
-    sweep_cfg: DictConfig, parent_run_id: str, overrides: Sequence[str] = ()
+    sweep_cfg: DictConfig,
+    parent_run_id: str,
+    overrides: Sequence[str] = (),
+    best_child: str | None = None,
 ) -> DictConfig:
-    """``conf/export.yaml`` with ``overrides``, the sweep's ``paths`` and ``tracking``, and
-    ``run=best`` among the children of ``parent_run_id`` (by ``select.metric`` when overridden,
-    else by the sweep's ``optimized_metric``)."""
+    """``conf/export.yaml`` with ``overrides`` and the sweep's ``paths`` and ``tracking``,
+    exporting among the children of ``parent_run_id``: ``select.metric`` when overridden;
+    else ``best_child`` (the trial the sweeper tagged best, which knows the direction) when
+    given; else ``run=best`` by the sweep's ``optimized_metric`` (highest)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -894,13 +895,13 @@ def sweep_export_config(
     else:
         with initialize_config_dir(CONF_DIR, version_base="1.3"):
             cfg = compose("export", overrides=list(overrides))
+    metric_given = any(o.lstrip("+~").startswith("select.metric=") for o in overrides)
     with open_dict(cfg):
         cfg.paths = OmegaConf.to_container(sweep_cfg.paths, resolve=True)
         cfg.tracking = OmegaConf.to_container(sweep_cfg.tracking, resolve=True)
-        cfg.run = "best"
+        cfg.run = best_child if best_child and not metric_given else "best"
         cfg.select.parent_run = parent_run_id
         cfg.select.experiment = None  # the parent's experiment
-        metric_given = any(o.lstrip("+~").startswith("select.metric=") for o in overrides)
         if not metric_given and sweep_cfg.get("optimized_metric"):
             cfg.select.metric = str(sweep_cfg.optimized_metric)
     return cfg
@@ -919,16 +920,18 @@ class ExportAfterSweep(Callback):
         self.result: ExportResult | None = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from hwexp.track import client_for, find_sweep_parent
+        from hwexp.track import BEST_TRIAL_TAG, client_for, find_sweep_parent, tagged_child
 
         if not self.enabled:
             return
         if not config.tracking.get("enabled", True):
             log.warning("tracking is disabled: no MLflow runs to export after this sweep")
             return
+        client = client_for(config.tracking)
         sweep_id = str(Path(str(config.hydra.sweep.dir)).expanduser().resolve())
-        parent = find_sweep_parent(client_for(config.tracking), sweep_id)
-        self.result = export_run(sweep_export_config(config, parent, self.overrides))
+        parent = find_sweep_parent(client, sweep_id)
+        best = tagged_child(client, parent, BEST_TRIAL_TAG)
+        self.result = export_run(sweep_export_config(config, parent, self.overrides, best))
         print(summary(self.result))
 
 

@@ -228,6 +228,7 @@ def error_text(error: BaseException) -> str:
 
 _PLAIN_STRING = re.compile(r"[A-Za-z_][\w\-./]*")
 _RESERVED = {"true", "false", "null", "nan", "inf", "none"}
+_BACKSLASHES_BEFORE_QUOTE = re.compile(r"(\\+)(?='|$)")
 
 
 def override_value(value: Any) -> str:
@@ -245,7 +246,9 @@ def override_value(value: Any) -> str:
     if isinstance(value, str):
         if _PLAIN_STRING.fullmatch(value) and value.lower() not in _RESERVED:
             return value
-        escaped = value.replace("\\", "\\\\").replace("'", "\\'").replace("${", "\\${")
+        # Hydra's quoted strings: backslashes are literal except before a quote or at the end
+        escaped = _BACKSLASHES_BEFORE_QUOTE.sub(lambda m: m.group(1) * 2, value)
+        escaped = escaped.replace("'", "\\'").replace("${", "\\${")
         return f"'{escaped}'"
     if isinstance(value, Mapping):
         items = ",".join(f"{key}:{override_value(item)}" for key, item in value.items())

@@ -647,6 +647,27 @@ def find_sweep_parent(client: MlflowClient, sweep_id: str) -> str:
     return runs[0].info.run_id
 
 
+def tagged_child(
+    client: MlflowClient, parent_run_id: str, tag: str, value: str = "true"
+) -> str | None:
+    """The newest finished child of ``parent_run_id`` that has a model and ``tag = value``
+    (e.g. a sweep's best trial, tagged by the sweeper), or None."""
+    parent = client.get_run(parent_run_id)
+    filters = [
+        "attributes.status = 'FINISHED'",
+        f"tags.`{HAS_MODEL_TAG}` = 'true'",
+        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
+        f"tags.`{tag}` = '{value}'",
+    ]
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        " and ".join(filters),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
 # --------------------------------------------------------------------------- sweeps
 
 BEST_TRIAL_TAG = "hwexp.best_trial"  # "true" on the child run of a study's best trial

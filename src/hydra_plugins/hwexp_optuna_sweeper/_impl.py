@@ -241,7 +241,11 @@ class OptunaSweep:
         return float(study.best_value)
 
     def _open_study(self) -> tuple[optuna.Study, bool]:
-        """Create the study, or load it if it exists; True when this worker created it."""
+        """Create the study, or load it if it exists; True when this worker created it.
+
+        A seeded sampler gets ``seed + trials already in the study``, so that a resumed sweep
+        does not sample its first trials' parameters again.
+        """
         settings = self.settings
         self._storage = open_storage(
             settings.storage,
@@ -249,23 +253,25 @@ class OptunaSweep:
             settings.grace_period,
             settings.retry_interrupted,
         )
-        sampler = instantiate(OmegaConf.create(settings.sampler))
         pruner = instantiate(OmegaConf.create(settings.pruner))
-        common = {"study_name": settings.study_name, "storage": self._storage}
+        common = {"study_name": settings.study_name, "storage": self._storage, "pruner": pruner}
+        created = True
         try:
-            study = optuna.create_study(
-                **common, sampler=sampler, pruner=pruner, direction=settings.direction
-            )
-            return study, True
+            study = optuna.create_study(**common, direction=settings.direction)
         except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.load_study(**common, sampler=sampler, pruner=pruner)
+            study = optuna.load_study(**common)
+            created = False
         if study.direction.name.lower() != settings.direction:
             raise ValueError(
                 f"study {settings.study_name!r} exists with direction "
                 f"{study.direction.name.lower()}, not {settings.direction}: choose another "
                 "hydra.sweeper.study_name"
             )
-        return study, False
+        sampler_cfg = dict(settings.sampler)
+        if sampler_cfg.get("seed") is not None:
+            sampler_cfg["seed"] = int(sampler_cfg["seed"]) + len(study.get_trials(deepcopy=False))
+        study.sampler = instantiate(OmegaConf.create(sampler_cfg))
+        return study, created
 
     def _write_study_file(self, path: Path) -> None:
         """``study.yaml`` in the sweep folder: where the study and its parent run are."""

@@ -1,0 +1,105 @@
+// Recognise the character drawn on a canvas with a Core ML package exported by hwexp:
+//
+//     python -m hwexp.export run=best formats=[coreml]     # -> outputs/exports/<run id>/<name>.mlpackage
+//
+// Add the .mlpackage to the Xcode target (Xcode compiles it to .mlmodelc and generates a class
+// named after the file); this snippet loads it by URL so it works with any name.
+//
+// What the model expects (its metadata says the same: input description, hwexp.* keys):
+//   * a 48x48 8-bit grayscale image (the size is in the model's input description);
+//   * ink WHITE (255) on a BLACK (0) background — the opposite of a typical drawing canvas,
+//     so render the strokes white on black; do not pass a screenshot of black-on-white ink;
+//   * the character cropped to the bounding box of its strokes, padded to a square (aspect
+//     kept) and centred with an 8% margin, a small character not blown up beyond 1/0.55 of the
+//     canvas (hwexp.data.preprocess: margin 0.08, min_crop 0.55);
+//   * pixel values 0...255: the model scales them by 1/255 itself (do not normalise).
+// The output is a classifier: VNClassificationObservation.identifier is the character.
+
+import CoreGraphics
+import CoreML
+import Vision
+
+struct CharacterCandidate {
+    let character: String
+    let confidence: Float
+}
+
+final class CharacterRecognizer {
+    private let model: VNCoreMLModel
+    let side: Int
+    let margin: CGFloat = 0.08   // hwexp preprocess.margin
+    let minCrop: CGFloat = 0.55  // hwexp preprocess.min_crop
+
+    /// `url`: the compiled model, e.g. `Bundle.main.url(forResource: "katakana", withExtension: "mlmodelc")!`.
+    init(compiledModelURL url: URL) throws {
+        let config = MLModelConfiguration()
+        config.computeUnits = .all
+        let mlModel = try MLModel(contentsOf: url, configuration: config)
+        let input = mlModel.modelDescription.inputDescriptionsByName["image"]
+        side = input?.imageConstraint?.pixelsWide ?? 48
+        model = try VNCoreMLModel(for: mlModel)
+    }
+
+    /// Render `strokes` (points in canvas coordinates, y down) the way hwexp's training images
+    /// look: white strokes on black, cropped to the ink, square, centred with a margin.
+    /// `penWidth` is the pen's width on the canvas, in the same units as the points.
+    func renderInput(strokes: [[CGPoint]], canvasSize: CGSize, penWidth: CGFloat) -> CGImage? {
+        let points = strokes.flatMap { $0 }
+        guard !points.isEmpty,
+              let context = CGContext(
+                  data: nil, width: side, height: side, bitsPerComponent: 8, bytesPerRow: side,
+                  space: CGColorSpaceCreateDeviceGray(), bitmapInfo: CGImageAlphaInfo.none.rawValue)
+        else { return nil }
+        // Bounding box of the ink (pen width included), grown to a square of at least
+        // minCrop x the canvas' shorter side, centred on the ink.
+        let xs = points.map(\.x), ys = points.map(\.y)
+        let half = penWidth / 2
+        let box = CGRect(x: xs.min()! - half, y: ys.min()! - half,
+                         width: xs.max()! - xs.min()! + penWidth,
+                         height: ys.max()! - ys.min()! + penWidth)
+        let crop = max(box.width, box.height, minCrop * min(canvasSize.width, canvasSize.height))
+        let scale = CGFloat(side) * (1 - 2 * margin) / crop
+        // Black background, white round strokes; flip y (Core Graphics' origin is bottom-left).
+        context.setFillColor(gray: 0, alpha: 1)
+        context.fill(CGRect(x: 0, y: 0, width: side, height: side))
+        context.translateBy(x: 0, y: CGFloat(side))
+        context.scaleBy(x: 1, y: -1)
+        context.translateBy(x: CGFloat(side) / 2, y: CGFloat(side) / 2)
+        context.scaleBy(x: scale, y: scale)
+        context.translateBy(x: -box.midX, y: -box.midY)
+        context.setStrokeColor(gray: 1, alpha: 1)
+        context.setLineWidth(penWidth)
+        context.setLineCap(.round)
+        context.setLineJoin(.round)
+        for stroke in strokes where !stroke.isEmpty {
+            context.beginPath()
+            context.move(to: stroke[0])
+            // a tap (one point) still leaves a dot
+            stroke.count == 1 ? context.addLine(to: stroke[0]) : context.addLines(between: stroke)
+            context.strokePath()
+        }
+        return context.makeImage()
+    }
+
+    /// The `count` most probable characters, best first.
+    func recognize(strokes: [[CGPoint]], canvasSize: CGSize, penWidth: CGFloat,
+                   count: Int = 5) throws -> [CharacterCandidate] {
+        guard let image = renderInput(strokes: strokes, canvasSize: canvasSize, penWidth: penWidth)
+        else { return [] }
+        let request = VNCoreMLRequest(model: model)
+        request.imageCropAndScaleOption = .scaleFill  // already side x side: nothing is cropped
+        try VNImageRequestHandler(cgImage: image, options: [:]).perform([request])
+        let observations = request.results as? [VNClassificationObservation] ?? []
+        return observations.prefix(count).map {
+            CharacterCandidate(character: $0.identifier, confidence: $0.confidence)
+        }
+    }
+}
+
+// Usage, e.g. when the user lifts the pen:
+//
+//     let recognizer = try CharacterRecognizer(
+//         compiledModelURL: Bundle.main.url(forResource: "katakana", withExtension: "mlmodelc")!)
+//     let candidates = try recognizer.recognize(strokes: canvas.strokes,
+//                                               canvasSize: canvas.bounds.size, penWidth: 12)
+//     candidateBar.show(candidates.map(\.character))   // e.g. ["ア", "マ", "ヤ", ...]

@@ -1,0 +1,364 @@
+"""The drawing pad's HTTP server: the page, its static files and a small JSON API.
+
+Built on the standard library's ``ThreadingHTTPServer``: three routes need no framework, it adds
+no dependency, each request runs in its own thread (ONNX Runtime sessions are thread-safe), and
+a request costs well under a millisecond of server overhead. HTTP/1.1 keep-alive is on.
+
+API
+---
+``GET /api/models`` ->
+``{"models": [{"name", "classes": <count>, "input_size": S, "preview", "source",
+"stroke_width"}], "default": <name>, "limits": {...}}``; ``stroke_width`` is the pen width as a
+fraction of the canvas side that the server renders strokes with.
+
+``POST /api/predict`` with a JSON object, either strokes::
+
+    {"model": "hiragana", "strokes": [[[x, y], ...], ...], "width": W, "height": H}
+
+(points in canvas pixels, ``0 <= x < W``, ``0 <= y < H``; a stroke is one pen-down..pen-up), or
+a picture of one character, ink of either polarity (a ``data:`` URL prefix is accepted)::
+
+    {"model": "hiragana", "image": "<base64 PNG, JPEG, BMP, GIF or WebP>"}
+
+``model`` is optional (default: the first model loaded). Answer (200)::
+
+    {"candidates": [{"char": "あ", "probability": 0.93}, ...],   # top 5, most probable first
+     "input_png": "<base64 PNG of the S x S model input, ink white on black>",
+     "model": "hiragana", "ms": 2.4}                             # server time, milliseconds
+
+Errors are JSON ``{"error": "<what is wrong and what is accepted>"}``: 400 malformed (not
+JSON, wrong types, not an image, more than :data:`MAX_STROKES` strokes or :data:`MAX_POINTS`
+points), 404 unknown model or path, 405 wrong method, 411 no ``Content-Length``, 413 body over
+:data:`MAX_BODY_BYTES`, 422 an empty drawing (no points, or no ink), 500 a server fault (the
+server keeps serving).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+from PIL import Image
+
+from hwexp import __version__
+from hwexp.serve.models import InputError, ServedModel, decode_picture
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 2 * 1024 * 1024
+MAX_STROKES = 500
+MAX_POINTS = 20_000  # over all strokes
+MAX_CANVAS = 10_000  # px, either side
+MAX_COORDINATE = 1e6  # px, |x| and |y| (points off the canvas are allowed, not drawn)
+_DRAIN_LIMIT = 16 * 1024 * 1024  # an oversized body up to this is read away before answering
+STATIC_DIR = Path(__file__).parent / "static"
+_STATIC = {  # URL path -> (file, content type)
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/static/pad.js": ("pad.js", "text/javascript; charset=utf-8"),
+    "/static/pad.css": ("pad.css", "text/css; charset=utf-8"),
+}
+_SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class ApiError(Exception):
+    """A request the API refuses: HTTP ``status`` and a message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# --------------------------------------------------------------------------- request parsing
+
+
+def _reject_constant(name: str) -> float:
+    raise ApiError(400, f"request body is not valid JSON: {name} is not a number")
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """The request object; NaN/Infinity are refused. Raises :class:`ApiError` (400)."""
+    try:
+        payload = json.loads(body, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"request body is not valid JSON: {error}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, f"request body must be a JSON object, not {type(payload).__name__}")
+    return payload
+
+
+def _number(payload: Mapping[str, Any], key: str) -> float:
+    value = payload.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ApiError(400, f"{key!r} must be a number (canvas pixels), got {value!r}")
+    if not 1 <= value <= MAX_CANVAS:
+        raise ApiError(400, f"{key!r}={value}: must be between 1 and {MAX_CANVAS} pixels")
+    return float(value)
+
+
+def parse_strokes(payload: Mapping[str, Any]) -> tuple[list[np.ndarray], float, float]:
+    """``(strokes as (n_i, 2) float64 arrays, width, height)``; empty strokes are dropped.
+
+    Raises:
+        ApiError: 400 wrong types or too many strokes/points; 422 no points at all.
+    """
+    width, height = _number(payload, "width"), _number(payload, "height")
+    strokes = payload["strokes"]
+    if not isinstance(strokes, list):
+        raise ApiError(400, "'strokes' must be a list of strokes, each a list of [x, y] points")
+    if len(strokes) > MAX_STROKES:
+        raise ApiError(400, f"too many strokes: {len(strokes)} (at most {MAX_STROKES})")
+    total = sum(len(s) for s in strokes if isinstance(s, list))
+    if total > MAX_POINTS:
+        raise ApiError(400, f"too many points: {total} (at most {MAX_POINTS} in all strokes)")
+    arrays = []
+    for index, stroke in enumerate(strokes):
+        if not isinstance(stroke, list):
+            raise ApiError(400, f"stroke {index} must be a list of [x, y] points")
+        if not stroke:
+            continue
+        try:
+            points = np.asarray(stroke)
+        except ValueError:
+            points = np.empty(0)  # ragged: reported below
+        if points.ndim != 2 or points.shape[1] != 2 or points.dtype.kind not in "iuf":
+            raise ApiError(400, f"stroke {index}: every point must be [x, y], two numbers")
+        if np.abs(points).max() > MAX_COORDINATE:
+            raise ApiError(400, f"stroke {index}: coordinates beyond ±{MAX_COORDINATE:g} px")
+        arrays.append(points.astype(np.float64))
+    if not arrays:
+        raise ApiError(422, "empty drawing: no strokes with points")
+    return arrays, width, height
+
+
+def parse_image(value: Any) -> np.ndarray:
+    """A base64 picture (optionally a ``data:`` URL) as ``(h, w)`` uint8 grey.
+
+    Raises:
+        ApiError: (400) not a string, not base64, or not an image.
+    """
+    if not isinstance(value, str):
+        raise ApiError(400, f"'image' must be a base64 string, got {type(value).__name__}")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "'image' is not valid base64") from None
+    if not data:
+        raise ApiError(422, "empty drawing: 'image' is empty")
+    try:
+        return decode_picture(data)
+    except InputError as error:
+        raise ApiError(error.status, str(error)) from None
+
+
+def _png_base64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def predict(models: Mapping[str, ServedModel], payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Answer one ``POST /api/predict`` request object (see the module docstring).
+
+    Raises:
+        ApiError: the request is malformed, names an unknown model, or has no ink.
+    """
+    start = time.perf_counter()
+    name = payload.get("model", next(iter(models)))
+    if not isinstance(name, str):
+        raise ApiError(400, f"'model' must be a string, got {type(name).__name__}")
+    model = models.get(name)
+    if model is None:
+        raise ApiError(404, f"unknown model {name!r}; loaded: {', '.join(models)}")
+    has_strokes, has_image = "strokes" in payload, "image" in payload
+    if has_strokes == has_image:
+        raise ApiError(400, "send either 'strokes' (with 'width' and 'height') or 'image'")
+    try:
+        if has_strokes:
+            strokes, width, height = parse_strokes(payload)
+            prepared = model.prepare_strokes(strokes, width, height)
+        else:
+            prepared = model.prepare_picture(parse_image(payload["image"]))
+    except InputError as error:
+        raise ApiError(error.status, str(error)) from None
+    result = model.predict(prepared)
+    return {
+        "candidates": [{"char": c, "probability": round(p, 6)} for c, p in result.candidates],
+        "input_png": _png_base64(result.model_input),
+        "model": name,
+        "ms": round((time.perf_counter() - start) * 1000.0, 2),
+    }
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class PadServer(ThreadingHTTPServer):
+    """A threaded HTTP server holding the loaded models (by name, in menu order)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], models: Sequence[ServedModel]) -> None:
+        if not models:
+            raise ValueError("no models to serve")
+        names = [m.name for m in models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"two models named {duplicates}: rename one with NAME=...")
+        self.models = {m.name: m for m in models}
+        self.static = {
+            path: ((STATIC_DIR / file).read_bytes(), ctype)
+            for path, (file, ctype) in _STATIC.items()
+        }
+        super().__init__(address, PadHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def models_payload(self) -> dict[str, Any]:
+        return {
+            "models": [m.describe() for m in self.models.values()],
+            "default": next(iter(self.models)),
+            "limits": {
+                "max_body_bytes": MAX_BODY_BYTES,
+                "max_strokes": MAX_STROKES,
+                "max_points": MAX_POINTS,
+            },
+        }
+
+
+class PadHandler(BaseHTTPRequestHandler):
+    """Routes: ``/`` and ``/static/*`` (the page), ``/api/models``, ``/api/predict``."""
+
+    server: PadServer
+    protocol_version = "HTTP/1.1"  # keep-alive: every response carries Content-Length
+    server_version = f"hwexp-serve/{__version__}"
+    disable_nagle_algorithm = True  # headers and body leave at once (no 40 ms delayed-ACK wait)
+    timeout = 30  # seconds a connection may stay silent
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._guarded(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._guarded(self._post)
+
+    def _get(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/api/models":
+            self._send_json(200, self.server.models_payload())
+        elif path in self.server.static:
+            body, ctype = self.server.static[path]
+            self._send(200, body, ctype, {"Cache-Control": "no-cache"})
+        elif path == "/api/predict":
+            raise ApiError(405, "use POST for /api/predict")
+        else:
+            raise ApiError(404, f"no such path {path!r}")
+
+    def _post(self) -> None:
+        path = urlsplit(self.path).path
+        if path != "/api/predict":
+            raise ApiError(405 if path in self.server.static or path == "/api/models" else 404,
+                           f"POST {path!r} is not served; POST /api/predict")
+        payload = parse_json(self._read_body())
+        self._send_json(200, predict(self.server.models, payload))
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise ApiError(411, "chunked bodies are not accepted; send a Content-Length")
+        declared = self.headers.get("Content-Length")
+        if declared is None:
+            raise ApiError(411, "a Content-Length header is required")
+        try:
+            length = int(declared)
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(400, f"bad Content-Length {declared!r}") from None
+        if length < 0:
+            self.close_connection = True
+            raise ApiError(400, f"bad Content-Length {declared!r}")
+        if length > MAX_BODY_BYTES:
+            self._drain(length)
+            raise ApiError(413, f"request body of {length} bytes; at most {MAX_BODY_BYTES}")
+        return self.rfile.read(length)
+
+    def _drain(self, length: int) -> None:
+        """Read away an oversized body (up to a limit) so the client sees the answer rather
+        than a reset connection; the connection is closed afterwards."""
+        self.close_connection = True
+        left = min(length, _DRAIN_LIMIT)
+        while left > 0:
+            chunk = self.rfile.read(min(left, 65536))
+            if not chunk:
+                break
+            left -= len(chunk)
+
+    def _guarded(self, route: Any) -> None:
+        """Run ``route``; refusals and faults become JSON errors, never a dead server."""
+        try:
+            route()
+        except ApiError as error:
+            self._send_json(error.status, {"error": error.message})
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception as error:
+            log.exception("error answering %s %s", self.command, self.path)
+            self._send_json(500, {"error": f"server error: {type(error).__name__}: {error}"})
+
+    def _send_json(self, status: int, payload: Mapping[str, Any]) -> None:
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        self._send(status, body, "application/json; charset=utf-8", {"Cache-Control": "no-store"})
+
+    def _send(self, status: int, body: bytes, ctype: str, headers: Mapping[str, str]) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        if status == 405:
+            self.send_header("Allow", "POST" if "predict" in self.path else "GET")
+        for key, value in {**_SECURITY_HEADERS, **headers}.items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (bad request line, unsupported method) as JSON."""
+        self.close_connection = True
+        text = message or HTTPStatus(code).phrase
+        try:
+            self._send_json(code, {"error": text})
+        except (ConnectionError, TimeoutError):
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+def make_server(
+    models: Sequence[ServedModel], host: str = "127.0.0.1", port: int = 8000
+) -> PadServer:
+    """A ready, not yet serving server (``port=0``: an ephemeral port; see ``server.url``)."""
+    return PadServer((host, port), models)

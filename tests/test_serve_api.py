@@ -1,0 +1,420 @@
+"""The drawing pad's JSON API (``hwexp.serve``) against a small model trained and exported here.
+
+The helpers above the tests (``exported_model``, ``running_server``, ``glyph_strokes``,
+``request``) are shared with ``test_serve_e2e.py``; one model is trained per session.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import http.client
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from data_config import data_config
+from hwexp.data.preprocess import PreprocessOptions, normalise_characters
+from hwexp.serve.__main__ import main as serve_main
+from hwexp.serve.app import MAX_BODY_BYTES, MAX_POINTS, MAX_STROKES, make_server, predict
+from hwexp.serve.models import (
+    ModelLoadError,
+    ServedModel,
+    load_all_registered,
+    load_onnx,
+    load_registered,
+    load_run,
+    render_strokes,
+    tracking_client,
+)
+from hwexp.synth.kanjivg import FRAME, load_glyph
+
+# Enough data and epochs that KanjiVG-drawn あいうえお are recognised (about 30 s on 2 CPUs).
+TRAIN_OVERRIDES = ("debug=default", "trainer.verbose=0", "synthetic.writers=40", "trainer.epochs=8")
+CANVAS = 400  # px: the side of the canvas the tests "draw" on
+
+
+class ExportedModel(NamedTuple):
+    root: Path
+    onnx: Path  # <output_dir>/<run id>/<name>.onnx, as hwexp.export wrote it
+    run_id: str
+    tracking_uri: str
+    registered: str  # "<registered model name>/<version>"
+    preprocess: dict[str, Any]  # the trained run's preprocess block
+
+
+_TRAINED: dict[str, ExportedModel] = {}
+
+
+def exported_model(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
+    """Train the debug model (once per session) and export it with ``hwexp.export`` (ONNX,
+    logged to the run and registered in the MLflow Model Registry)."""
+    if "model" not in _TRAINED:
+        from hwexp.__main__ import run_training
+        from hwexp.export import export_run
+        from hwexp.track import client_for
+
+        root = tmp_path_factory.mktemp("serve")
+        train_cfg = data_config(root, *TRAIN_OVERRIDES, config_name="config")
+        run_training(train_cfg)
+        export_cfg = data_config(
+            root, "run=best", "select.experiment=hwexp-debug", "formats=[onnx]",
+            config_name="export",
+        )
+        result = export_run(export_cfg)
+        client = client_for(train_cfg.tracking)
+        _TRAINED["model"] = ExportedModel(
+            root,
+            result.files["onnx"],
+            result.run_id,
+            client.tracking_uri,
+            str(result.registered),
+            dict(train_cfg.preprocess),
+        )
+    return _TRAINED["model"]
+
+
+@contextmanager
+def running_server(models: Sequence[ServedModel]) -> Iterator[tuple[str, int]]:
+    """Serve ``models`` on an ephemeral 127.0.0.1 port in a thread; yields ``(host, port)``."""
+    server = make_server(models, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[:2]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def glyph_strokes(char: str, side: float, scale: float = 0.8) -> list[list[list[float]]]:
+    """KanjiVG strokes of ``char`` as canvas points: the 109-unit frame scaled to ``scale`` of
+    a ``side``-pixel canvas, centred."""
+    shift = side * (1 - scale) / 2
+    return [
+        (stroke / FRAME * side * scale + shift).round(1).tolist()
+        for stroke in load_glyph(char).strokes()
+    ]
+
+
+def request(
+    address: tuple[str, int],
+    method: str,
+    path: str,
+    body: bytes | dict | list | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """``(status, decoded JSON body)`` of one request on a fresh connection."""
+    if isinstance(body, dict | list):
+        body = json.dumps(body).encode()
+    connection = http.client.HTTPConnection(*address, timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode_png(data: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+
+
+def drawn_picture(char: str, side: int, ink: int, paper: int, mode: str = "L") -> Image.Image:
+    """``char``'s KanjiVG strokes drawn with a pen of about 4% of ``side``."""
+    image = Image.new(mode, (side, side), paper)
+    draw = ImageDraw.Draw(image)
+    for stroke in glyph_strokes(char, side):
+        draw.line([tuple(p) for p in stroke], fill=ink, width=side // 25, joint="curve")
+    return image
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
+    return exported_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model(exported: ExportedModel) -> ServedModel:
+    return load_onnx(exported.onnx)
+
+
+@pytest.fixture(scope="module")
+def server(model: ServedModel) -> Iterator[tuple[str, int]]:
+    with running_server([model]) as address:
+        yield address
+
+
+# --------------------------------------------------------------------------- good input
+
+
+def test_models_lists_names_class_counts_and_input_size(server, model):
+    status, answer = request(server, "GET", "/api/models")
+    assert status == 200
+    assert answer["default"] == model.name == "synthetic"  # the exporter names it by dataset
+    (listed,) = answer["models"]
+    assert (listed["name"], listed["classes"], listed["input_size"]) == ("synthetic", 5, 48)
+    assert listed["preview"] == "あいうえお"
+    assert 0 < listed["stroke_width"] < 0.1
+
+
+def test_strokes_are_recognised_as_the_drawn_character(server, model):
+    for char in model.classes:
+        status, answer = request(
+            server,
+            "POST",
+            "/api/predict",
+            {"model": "synthetic", "strokes": glyph_strokes(char, CANVAS), "width": CANVAS,
+             "height": CANVAS},
+        )
+        assert status == 200, answer
+        candidates = answer["candidates"]
+        assert candidates[0]["char"] == char
+        assert [c["char"] for c in candidates] != [] and len(candidates) == 5
+        probabilities = [c["probability"] for c in candidates]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-3)
+        assert answer["model"] == "synthetic" and answer["ms"] > 0
+        shown = decode_png(answer["input_png"])
+        assert shown.shape == (48, 48) and shown.dtype == np.uint8 and shown.max() == 255
+
+
+def test_input_is_the_runs_own_training_preprocessing(server, model, exported):
+    # The served model's options are the trained run's preprocess block, ...
+    assert model.options == PreprocessOptions.from_config(exported.preprocess)
+    strokes = glyph_strokes("え", CANVAS, scale=0.5)  # small and off-centre: crop and margin
+    strokes = [[[x + 60, y - 40] for x, y in s] for s in strokes]
+    status, answer = request(
+        server, "POST", "/api/predict", {"strokes": strokes, "width": CANVAS, "height": CANVAS}
+    )
+    assert status == 200
+    # ... and the input shown is normalise_characters of the rendered strokes, with them.
+    arrays = [np.asarray(s, float) for s in strokes]
+    expected = normalise_characters(
+        render_strokes(arrays, CANVAS, CANVAS)[None], "high", model.options
+    )[0]
+    np.testing.assert_array_equal(decode_png(answer["input_png"]), expected)
+    # Bright ink on black, centred by the crop: the margin rows are blank.
+    margin = int(model.options.margin * model.options.size)
+    assert expected[:margin].max() == 0 and expected[-margin:].max() == 0
+
+
+def test_pictures_of_either_polarity_or_transparent_give_the_same_input(server):
+    dark_on_light = drawn_picture("あ", 300, ink=0, paper=255)
+    light_on_dark = drawn_picture("あ", 300, ink=255, paper=0)
+    canvas_export = drawn_picture("あ", 300, ink=(20, 20, 20, 255), paper=(0, 0, 0, 0), mode="RGBA")
+    shown = []
+    for picture in (dark_on_light, light_on_dark, canvas_export):
+        status, answer = request(server, "POST", "/api/predict", {"image": png_base64(picture)})
+        assert status == 200, answer
+        assert answer["candidates"][0]["char"] == "あ"
+        shown.append(decode_png(answer["input_png"]).astype(int))
+    np.testing.assert_array_equal(shown[0], shown[1])
+    assert np.abs(shown[2] - shown[0]).mean() < 8
+    data_url = "data:image/png;base64," + png_base64(dark_on_light)
+    status, answer = request(server, "POST", "/api/predict", {"image": data_url})
+    assert status == 200 and answer["input_png"] == request(
+        server, "POST", "/api/predict", {"image": png_base64(dark_on_light)}
+    )[1]["input_png"]
+
+
+def test_model_own_preprocess_options_decide_the_input(model, exported, tmp_path):
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    shutil.copy(exported.onnx, wide / "wide.onnx")
+    (wide / "preprocess.json").write_text(json.dumps({**exported.preprocess, "margin": 0.3}))
+    wide_model = load_onnx(wide / "wide.onnx")
+    assert wide_model.name == "wide" and wide_model.options.margin == 0.3
+    assert wide_model.classes == model.classes  # from the ONNX metadata: no classes.txt here
+    models = {"default": model, "wide": wide_model}
+    payload = {"strokes": glyph_strokes("い", CANVAS), "width": CANVAS, "height": CANVAS}
+
+    def ink_rows(name: str) -> int:
+        shown = decode_png(predict(models, {**payload, "model": name})["input_png"])
+        return int((shown.max(axis=1) > 0).sum())
+
+    assert ink_rows("wide") < ink_rows("default") - 8
+
+
+def test_files_without_preprocessing_or_with_inconsistent_files_are_refused(exported, tmp_path):
+    metadata_only = tmp_path / "meta"
+    metadata_only.mkdir()
+    shutil.copy(exported.onnx, metadata_only / "m.onnx")
+    assert load_onnx(metadata_only / "m.onnx").options.size == 48  # exporter's metadata
+
+    bad_classes = tmp_path / "classes"
+    bad_classes.mkdir()
+    shutil.copy(exported.onnx, bad_classes / "m.onnx")
+    (bad_classes / "classes.txt").write_text("あ\nい\n", "utf-8")
+    with pytest.raises(ModelLoadError, match="lists 2 classes; the model has 5"):
+        load_onnx(bad_classes / "m.onnx")
+
+    other_size = tmp_path / "size"
+    other_size.mkdir()
+    shutil.copy(exported.onnx, other_size / "m.onnx")
+    (other_size / "config.yaml").write_text("preprocess:\n  size: 64\n", "utf-8")
+    with pytest.raises(ModelLoadError, match="does not match preprocess.size=64"):
+        load_onnx(other_size / "m.onnx")
+
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError, match="not a loadable ONNX model"):
+        load_onnx(tmp_path / "junk.onnx")
+    with pytest.raises(ModelLoadError, match="no model file"):
+        load_onnx(tmp_path / "missing.onnx")
+
+
+def test_models_load_from_the_registry_and_from_runs(exported, model):
+    client = tracking_client(exported.tracking_uri)
+    name, version = exported.registered.split("/")
+    by_name = load_registered(client, name)
+    by_version = load_registered(client, f"{name}/{version}", name="pinned")
+    by_run = load_run(client, exported.run_id)
+    assert by_name.source == f"models:/{name}/{version}" and by_name.name == name
+    assert by_version.name == "pinned"
+    assert by_run.source == f"runs:/{exported.run_id}/export"
+    for loaded in (by_name, by_version, by_run):
+        assert loaded.classes == model.classes
+        assert loaded.options == PreprocessOptions.from_config(exported.preprocess)
+    assert [m.name for m in load_all_registered(client)] == [name]
+    with pytest.raises(ModelLoadError, match="no registered model 'katakana'"):
+        load_registered(client, "katakana")
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_run(client, "0123456789abcdef0123456789abcdef")
+
+
+def test_concurrent_requests_are_all_answered(server):
+    payload = {"strokes": glyph_strokes("う", CANVAS), "width": CANVAS, "height": CANVAS}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: request(server, "POST", "/api/predict", payload),
+                                range(24)))
+    assert all(status == 200 and a["candidates"][0]["char"] == "う" for status, a in answers)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _strokes(**changes: Any) -> dict[str, Any]:
+    return {"strokes": glyph_strokes("あ", CANVAS), "width": CANVAS, "height": CANVAS, **changes}
+
+
+BLANK_PNG = png_base64(Image.new("L", (64, 64), 255))
+BAD_REQUESTS = {
+    "not json": (b"{'strokes': nope", 400, "not valid JSON"),
+    "json array": ([1, 2], 400, "must be a JSON object"),
+    "nan": (b'{"strokes": [[[NaN, 1]]], "width": 9, "height": 9}', 400, "NaN is not a number"),
+    "not utf-8": (b"\xff\xfe\x00garbage", 400, "not valid JSON"),
+    "not an image": ({"image": base64.b64encode(b"hello").decode()}, 400, "not an image"),
+    "not base64": ({"image": "@@not base64@@"}, 400, "not valid base64"),
+    "image not a string": ({"image": 5}, 400, "'image' must be a base64 string"),
+    "blank image": ({"image": BLANK_PNG}, 422, "empty drawing"),
+    "no strokes": (_strokes(strokes=[]), 422, "empty drawing"),
+    "empty strokes": (_strokes(strokes=[[], []]), 422, "empty drawing"),
+    "off the canvas": (_strokes(strokes=[[[-500, -500], [-450, -450]]]), 422, "empty drawing"),
+    "too many points": (_strokes(strokes=[[[1, 1]] * (MAX_POINTS + 1)]), 400, "too many points"),
+    "too many strokes": (_strokes(strokes=[[[1, 1]]] * (MAX_STROKES + 1)), 400, "too many strokes"),
+    "unknown model": (_strokes(model="klingon"), 404, "unknown model 'klingon'"),
+    "model not a string": (_strokes(model=5), 400, "'model' must be a string"),
+    "width a string": (_strokes(width="400"), 400, "'width' must be a number"),
+    "height a bool": (_strokes(height=True), 400, "'height' must be a number"),
+    "width zero": (_strokes(width=0), 400, "must be between 1"),
+    "width missing": ({"strokes": [[[1, 2]]], "height": 9}, 400, "'width' must be a number"),
+    "strokes a string": (_strokes(strokes="abc"), 400, "'strokes' must be a list"),
+    "stroke a number": (_strokes(strokes=[5]), 400, "stroke 0 must be a list"),
+    "point of strings": (_strokes(strokes=[[["a", "b"]]]), 400, "two numbers"),
+    "point of three": (_strokes(strokes=[[[1, 2, 3]]]), 400, "two numbers"),
+    "ragged points": (_strokes(strokes=[[[1, 2], [3]]]), 400, "two numbers"),
+    "bool points": (_strokes(strokes=[[[True, False]]]), 400, "two numbers"),
+    "huge coordinate": (_strokes(strokes=[[[1e300, 2]]]), 400, "coordinates beyond"),
+    "strokes and image": (_strokes(image=BLANK_PNG), 400, "either 'strokes'"),
+    "neither": ({"model": "synthetic"}, 400, "either 'strokes'"),
+    "huge body": (b" " * (MAX_BODY_BYTES + 1000), 413, "at most 2097152"),
+}
+
+
+@pytest.mark.parametrize("body, status, message", BAD_REQUESTS.values(), ids=BAD_REQUESTS)
+def test_bad_predict_requests_get_a_clear_4xx_and_the_server_keeps_serving(
+    server, body, status, message
+):
+    got, answer = request(server, "POST", "/api/predict", body)
+    assert (got, set(answer)) == (status, {"error"})
+    assert message in answer["error"]
+    assert request(server, "GET", "/api/models")[0] == 200
+
+
+@pytest.mark.parametrize(
+    "method, path, status",
+    [("GET", "/api/predict", 405), ("POST", "/api/models", 405), ("GET", "/etc/passwd", 404),
+     ("GET", "/static/../app.py", 404), ("PUT", "/api/predict", 501)],
+)
+def test_wrong_method_or_path_gets_a_json_error(server, method, path, status):
+    got, answer = request(server, method, path, b"{}" if method != "GET" else None)
+    assert got == status and answer["error"]
+
+
+def test_body_without_content_length_is_refused(server):
+    with socket.create_connection(server, timeout=10) as sock:
+        sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = sock.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 411") and "Content-Length header is required" in reply
+
+
+def test_a_failing_model_gives_500_and_the_server_keeps_serving(model):
+    class BrokenSession:
+        def run(self, *args: Any) -> None:
+            raise RuntimeError("out of cheese")
+
+    broken = dataclasses.replace(model, name="broken", session=BrokenSession())
+    with running_server([broken, model]) as address:
+        status, answer = request(address, "POST", "/api/predict", _strokes(model="broken"))
+        assert status == 500 and "out of cheese" in answer["error"]
+        status, answer = request(address, "POST", "/api/predict", _strokes(model="synthetic"))
+        assert status == 200 and answer["candidates"][0]["char"] == "あ"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_command_line_serves_files_and_never_imports_tensorflow(exported):
+    code = (
+        "import sys, threading\n"
+        "import hwexp.serve.__main__ as cli\n"
+        "from hwexp.serve.app import make_server\n"
+        f"models = cli.load_models(cli.parse_args(['--model', 'pad={exported.onnx}']))\n"
+        "print(models[0].name, len(models[0].classes))\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
+        "print('heavy:', heavy)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.splitlines() == ["pad 5", "heavy: []"]
+
+
+def test_command_line_reports_what_cannot_be_loaded(tmp_path, capsys):
+    assert serve_main(["--model", str(tmp_path / "none.onnx"), "--port", "0"]) == 1
+    assert "no model file" in capsys.readouterr().err
+    assert serve_main(["--tracking-uri", f"sqlite:///{tmp_path}/empty.db", "--port", "0"]) == 1
+    assert "no registered model with an ONNX export" in capsys.readouterr().err
