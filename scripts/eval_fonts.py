@@ -111,6 +111,11 @@ def main() -> int:
         if not chars:
             continue
         font = ImageFont.truetype(str(path), args.size)
+        # Some fonts map code points to empty glyphs (setofont-ex): only drawn glyphs count.
+        chars = [c for c in chars if render(font, c, None).min() < 128]
+        if not chars:
+            print(f"{path.name:36s} draws none of the classes (empty glyphs)")
+            continue
         results = {}
         for kind, variants in (("plain", 1), ("distorted", args.variants)):
             raw = np.stack(

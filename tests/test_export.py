@@ -25,6 +25,7 @@ from hwexp.export import (
     run_data_config,
     sweep_export_config,
     tflite_predictor,
+    to_coreml,
 )
 from hwexp.model import build_model
 from hwexp.track import (
@@ -178,6 +179,31 @@ def test_coreml_check_catches_extra_scaling_wrong_labels_and_size(trained, tmp_p
     assert check_coreml(path, model.classes, 64, model.run_id)["input_size"] is False
 
 
+@pytest.mark.parametrize("weights", ["int8", "palette4"])
+def test_compressed_coreml_weights_keep_the_contract(trained, tmp_path, weights):
+    _, _, _, model = trained
+    path = to_coreml(
+        inference_model(model.model),
+        model.classes,
+        tmp_path / "small.mlpackage",
+        {"hwexp.run_id": model.run_id},
+        {},
+        weights=weights,
+    )
+    checks = check_coreml(path, model.classes, 48, model.run_id)
+    assert not [k for k, ok in checks.items() if ok is False], checks
+    assert checks["specification_version"] >= 7  # iOS 16: compressed weights
+    program = ct.models.MLModel(str(path), skip_model_load=True).get_spec().mlProgram
+    op_types = {
+        op.type
+        for function in program.functions.values()
+        for block in function.block_specializations.values()
+        for op in block.operations
+    }
+    expected = "constexpr_affine_dequantize" if weights == "int8" else "constexpr_lut_to_dense"
+    assert expected in op_types
+
+
 def test_tflite_and_onnx_match_keras(trained, exported, test_images):
     _, _, _, model = trained
     _, result = exported
@@ -268,6 +294,10 @@ def test_unknown_run_and_run_without_model_are_clear_errors(trained, monkeypatch
         export_run(export_config(root, f"run={empty.run_id}"))
     with pytest.raises(ConfigError, match="formats"):
         export_run(export_config(root, "formats=[png]"))
+    with pytest.raises(ConfigError, match="coreml.weights"):
+        export_run(export_config(root, "coreml.weights=fp8"))
+    with pytest.raises(ConfigError, match="coreml_nn"):
+        export_run(export_config(root, "formats=[coreml_nn]", "coreml.weights=palette4"))
     monkeypatch.setattr(
         sys,
         "argv",

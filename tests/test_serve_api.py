@@ -31,6 +31,8 @@ from hwexp.data.preprocess import PreprocessOptions, normalise_characters
 from hwexp.serve.__main__ import main as serve_main
 from hwexp.serve.app import MAX_BODY_BYTES, MAX_POINTS, MAX_STROKES, make_server, predict
 from hwexp.serve.models import (
+    INPUT_NAME,
+    OUTPUT_NAME,
     ModelLoadError,
     ServedModel,
     load_all_registered,
@@ -71,7 +73,10 @@ def exported_model(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
         train_cfg = data_config(root, *TRAIN_OVERRIDES, config_name="config")
         run_training(train_cfg)
         export_cfg = data_config(
-            root, "run=best", "select.experiment=hwexp-debug", "formats=[onnx]",
+            root,
+            "run=best",
+            "select.experiment=hwexp-debug",
+            "formats=[onnx]",
             config_name="export",
         )
         result = export_run(export_cfg)
@@ -187,8 +192,12 @@ def test_strokes_are_recognised_as_the_drawn_character(server, model):
             server,
             "POST",
             "/api/predict",
-            {"model": "synthetic", "strokes": glyph_strokes(char, CANVAS), "width": CANVAS,
-             "height": CANVAS},
+            {
+                "model": "synthetic",
+                "strokes": glyph_strokes(char, CANVAS),
+                "width": CANVAS,
+                "height": CANVAS,
+            },
         )
         assert status == 200, answer
         candidates = answer["candidates"]
@@ -236,9 +245,13 @@ def test_pictures_of_either_polarity_or_transparent_give_the_same_input(server):
     assert np.abs(shown[2] - shown[0]).mean() < 8
     data_url = "data:image/png;base64," + png_base64(dark_on_light)
     status, answer = request(server, "POST", "/api/predict", {"image": data_url})
-    assert status == 200 and answer["input_png"] == request(
-        server, "POST", "/api/predict", {"image": png_base64(dark_on_light)}
-    )[1]["input_png"]
+    assert (
+        status == 200
+        and answer["input_png"]
+        == request(server, "POST", "/api/predict", {"image": png_base64(dark_on_light)})[1][
+            "input_png"
+        ]
+    )
 
 
 def test_model_own_preprocess_options_decide_the_input(model, exported, tmp_path):
@@ -286,6 +299,12 @@ def test_files_without_preprocessing_or_with_inconsistent_files_are_refused(expo
         load_onnx(tmp_path / "missing.onnx")
 
 
+def test_tensor_names_are_the_exporters():
+    from hwexp.model import INPUT_LAYER_NAME, OUTPUT_LAYER_NAME
+
+    assert (INPUT_NAME, OUTPUT_NAME) == (INPUT_LAYER_NAME, OUTPUT_LAYER_NAME)
+
+
 def test_models_load_from_the_registry_and_from_runs(exported, model):
     client = tracking_client(exported.tracking_uri)
     name, version = exported.registered.split("/")
@@ -308,9 +327,26 @@ def test_models_load_from_the_registry_and_from_runs(exported, model):
 def test_concurrent_requests_are_all_answered(server):
     payload = {"strokes": glyph_strokes("う", CANVAS), "width": CANVAS, "height": CANVAS}
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: request(server, "POST", "/api/predict", payload),
-                                range(24)))
+        answers = list(
+            pool.map(lambda _: request(server, "POST", "/api/predict", payload), range(24))
+        )
     assert all(status == 200 and a["candidates"][0]["char"] == "う" for status, a in answers)
+
+
+def test_one_keep_alive_connection_serves_many_requests(server):
+    body = json.dumps(_strokes()).encode()
+    connection = http.client.HTTPConnection(*server, timeout=30)
+    try:
+        for _ in range(3):
+            connection.request("POST", "/api/predict", body)
+            response = connection.getresponse()
+            assert response.status == 200 and response.getheader("Connection") != "close"
+            assert json.loads(response.read())["candidates"][0]["char"] == "あ"
+        connection.request("POST", "/api/models", b'{"x": 1}')  # refused, body unread: closed
+        response = connection.getresponse()
+        assert (response.status, response.getheader("Connection")) == (405, "close")
+    finally:
+        connection.close()
 
 
 # --------------------------------------------------------------------------- bad input
@@ -366,8 +402,13 @@ def test_bad_predict_requests_get_a_clear_4xx_and_the_server_keeps_serving(
 
 @pytest.mark.parametrize(
     "method, path, status",
-    [("GET", "/api/predict", 405), ("POST", "/api/models", 405), ("GET", "/etc/passwd", 404),
-     ("GET", "/static/../app.py", 404), ("PUT", "/api/predict", 501)],
+    [
+        ("GET", "/api/predict", 405),
+        ("POST", "/api/models", 405),
+        ("GET", "/etc/passwd", 404),
+        ("GET", "/static/../app.py", 404),
+        ("PUT", "/api/predict", 501),
+    ],
 )
 def test_wrong_method_or_path_gets_a_json_error(server, method, path, status):
     got, answer = request(server, method, path, b"{}" if method != "GET" else None)
@@ -377,7 +418,7 @@ def test_wrong_method_or_path_gets_a_json_error(server, method, path, status):
 def test_body_without_content_length_is_refused(server):
     with socket.create_connection(server, timeout=10) as sock:
         sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\n\r\n")
-        reply = sock.recv(65536).decode()
+        reply = b"".join(iter(lambda: sock.recv(65536), b"")).decode()  # until it closes
     assert reply.startswith("HTTP/1.1 411") and "Content-Length header is required" in reply
 
 

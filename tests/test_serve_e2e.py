@@ -90,7 +90,9 @@ def draw_with_touch(page: Any, char: str) -> int:
     for stroke in strokes:
         for kind, points in (("touchStart", stroke[:1]), ("touchMove", stroke[1:])):
             for x, y in points:
-                cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": y}]})
+                cdp.send(
+                    "Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": y}]}
+                )
         cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
     cdp.detach()
     return len(strokes)
@@ -127,7 +129,7 @@ def test_drawing_with_the_mouse_shows_the_character_first(browser, pad_url, tmp_
     page.locator("#undo").click()  # the last stroke goes; candidates follow the drawing
     page.wait_for_selector(f"#candidates[data-strokes='{strokes - 1}'] li")
     page.locator("#clear").click()
-    page.wait_for_selector("#candidates[data-strokes='0']")
+    page.wait_for_selector("#candidates[data-strokes='0']", state="attached")
     assert page.locator("#candidates li").count() == 0
     assert page.locator("#undo").is_disabled()
     assert errors == []
@@ -136,7 +138,9 @@ def test_drawing_with_the_mouse_shows_the_character_first(browser, pad_url, tmp_
 
 def test_drawing_by_touch_on_a_phone_sized_screen(browser, pad_url, tmp_path):
     context = browser.new_context(
-        viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+        viewport={"width": 390, "height": 844},
+        device_scale_factor=2,
+        is_mobile=True,
         has_touch=True,
     )
     page = context.new_page()

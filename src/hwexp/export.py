@@ -134,8 +134,8 @@ class ExportResult:
 
 
 def inference_model(model: keras.Model) -> keras.Model:
-    """``model`` without augmentation/dropout layers (``strip_augmentation``), checked to be a
-    functional model with one ``(S, S, 1)`` uint8 input and a probability output.
+    """``model`` without augmentation/dropout layers (``strip_augmentation``: same weights,
+    same inference function), checked to have one ``(S, S, 1)`` uint8 image input.
 
     Raises:
         ExportError: the model does not follow the ``hwexp.model`` contract.
@@ -212,10 +212,10 @@ def to_coreml(
     ``author``, ``license``, ``version`` fill the standard fields, the rest go to the
     user-defined metadata; ``descriptions`` maps feature names to their descriptions."""
     ct = _quiet_coremltools()
-    if weights not in COREML_WEIGHTS:
-        raise ConfigError(f"coreml.weights={weights!r}: choose one of {list(COREML_WEIGHTS)}")
-    if neuralnetwork and weights not in ("fp16", "int8"):
-        raise ConfigError(f"coreml_nn supports coreml.weights fp16 or int8, not {weights!r}")
+    if weights not in COREML_WEIGHTS or (neuralnetwork and weights not in ("fp16", "int8")):
+        raise ConfigError(
+            f"Core ML weights {weights!r} unsupported (neural network: {neuralnetwork})"
+        )
     size = int(model.input_shape[1])
     if neuralnetwork:
         target, convert_to = ct.target.iOS13, "neuralnetwork"
@@ -616,6 +616,11 @@ def _requested_formats(cfg: Mapping[str, Any]) -> list[str]:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ConfigError(f"formats={formats}: choose one or more of {list(FORMATS)}")
+    weights = str(cfg["coreml"]["weights"])
+    if weights not in COREML_WEIGHTS:
+        raise ConfigError(f"coreml.weights={weights!r}: choose one of {list(COREML_WEIGHTS)}")
+    if "coreml_nn" in formats and weights not in ("fp16", "int8"):
+        raise ConfigError(f"coreml_nn takes coreml.weights fp16 or int8, not {weights!r}")
     return list(dict.fromkeys(formats))
 
 

@@ -47,16 +47,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Drawing pad: try exported hwexp models by hand in the browser.",
     )
     add = parser.add_argument
-    add("--model", action="append", default=[], metavar="[NAME=]FILE.onnx",
-        help="an exported ONNX model with classes.txt and its preprocessing beside it")
-    add("--registered", action="append", default=[], metavar="[NAME=]MODEL[/VERSION|@ALIAS]",
-        help="a model of the MLflow Model Registry")
-    add("--run", action="append", default=[], metavar="[NAME=]RUN_ID",
-        help="the ONNX export logged to an MLflow run")
-    add("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the project's mlruns)")
-    add("--host", default="127.0.0.1",
-        help="address to bind (default 127.0.0.1; anything else exposes the pad, unauthenticated)")
+    add(
+        "--model",
+        action="append",
+        default=[],
+        metavar="[NAME=]FILE.onnx",
+        help="an exported ONNX model with classes.txt and its preprocessing beside it",
+    )
+    add(
+        "--registered",
+        action="append",
+        default=[],
+        metavar="[NAME=]MODEL[/VERSION|@ALIAS]",
+        help="a model of the MLflow Model Registry",
+    )
+    add(
+        "--run",
+        action="append",
+        default=[],
+        metavar="[NAME=]RUN_ID",
+        help="the ONNX export logged to an MLflow run",
+    )
+    add(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the project's mlruns)",
+    )
+    add(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; anything else exposes the pad, unauthenticated)",
+    )
     add("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     add("--threads", type=int, default=1, help="ONNX Runtime threads per request (default 1)")
     add("-v", "--verbose", action="store_true", help="log every request")
@@ -108,8 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach it can use the pad", args.host)
     for model in models:
-        log.info("model %s: %d classes, %dx%d input, from %s",
-                 model.name, len(model.classes), model.size, model.size, model.source)
+        log.info(
+            "model %s: %d classes, %dx%d input, from %s",
+            model.name,
+            len(model.classes),
+            model.size,
+            model.size,
+            model.source,
+        )
     print(f"drawing pad at {server.url}  (Ctrl+C stops it)", flush=True)
     try:
         server.serve_forever()

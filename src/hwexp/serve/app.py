@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import logging
@@ -257,10 +258,10 @@ class PadHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body leave at once (no 40 ms delayed-ACK wait)
     timeout = 30  # seconds a connection may stay silent
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         self._guarded(self._get)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._guarded(self._post)
 
     def _get(self) -> None:
@@ -278,8 +279,11 @@ class PadHandler(BaseHTTPRequestHandler):
     def _post(self) -> None:
         path = urlsplit(self.path).path
         if path != "/api/predict":
-            raise ApiError(405 if path in self.server.static or path == "/api/models" else 404,
-                           f"POST {path!r} is not served; POST /api/predict")
+            self.close_connection = True  # its body, unread, must not pass for the next request
+            raise ApiError(
+                405 if path in self.server.static or path == "/api/models" else 404,
+                f"POST {path!r} is not served; POST /api/predict",
+            )
         payload = parse_json(self._read_body())
         self._send_json(200, predict(self.server.models, payload))
 
@@ -289,6 +293,7 @@ class PadHandler(BaseHTTPRequestHandler):
             raise ApiError(411, "chunked bodies are not accepted; send a Content-Length")
         declared = self.headers.get("Content-Length")
         if declared is None:
+            self.close_connection = True  # a body may follow that cannot be delimited
             raise ApiError(411, "a Content-Length header is required")
         try:
             length = int(declared)
@@ -348,12 +353,10 @@ class PadHandler(BaseHTTPRequestHandler):
         """http.server's own refusals (bad request line, unsupported method) as JSON."""
         self.close_connection = True
         text = message or HTTPStatus(code).phrase
-        try:
+        with contextlib.suppress(ConnectionError, TimeoutError):
             self._send_json(code, {"error": text})
-        except (ConnectionError, TimeoutError):
-            pass
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
 
