@@ -1,7 +1,6 @@
 """Same config and seed give the same result (CPU); a different seed gives another."""
 
 from data_config import data_config
-
 from hwexp.__main__ import run_training
 
 
