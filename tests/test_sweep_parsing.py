@@ -220,3 +220,41 @@ def test_job_outcomes_map_to_trial_states() -> None:
     assert failed == outcome_of(ValueError("unknown optimizer 'bogus'"))
     assert failed.state == TrialState.FAIL
     assert failed.error == "ValueError: unknown optimizer 'bogus'"
+
+
+def test_the_katakana_search_covers_what_the_article_tuned_by_hand() -> None:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", ["hparams_search=katakana"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("HwexpOptunaSweeper")
+    assert cfg.dataset.source == "synthetic" and cfg.dataset.classes == "katakana48"
+    assert cfg.optimized_metric == "val/accuracy"
+    assert cfg.hydra.sweeper.pruner._target_ == "optuna.pruners.HyperbandPruner"
+    assert cfg.hydra.sweeper.pruner.max_resource == cfg.trainer.epochs
+    space = parse_search_space(cfg.hydra.sweeper.params)
+    assert set(space.distributions) == {
+        "model.activation",
+        "model.filters",
+        "model.dense_units",
+        "model.conv_dropout",
+        "model.dense_dropout",
+        "augment.enabled",
+        "augment.rotation",
+        "augment.zoom",
+        "augment.shift",
+        "augment.shear",
+        "trainer.lr",
+        "trainer.batch_size",
+    }
+    assert space.distributions["model.activation"].choices == ("relu", "tanh")
+    assert space.distributions["trainer.lr"].log
+
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask(
+        space.distributions
+    )
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        job = compose("config", ["hparams_search=katakana", *space.overrides(trial.params)])
+    assert job.model.filters == parsed_value(f"f={trial.params['model.filters']}")
+    assert job.augment.enabled == trial.params["augment.enabled"]
+    assert job.trainer.lr == trial.params["trainer.lr"]

@@ -31,6 +31,7 @@ import logging
 import math
 import re
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+import sqlalchemy.engine
+import sqlalchemy.exc
 from omegaconf import DictConfig, OmegaConf
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -56,7 +59,9 @@ WORKER_ATTR = "worker"  # trial user attr: "<host>:<pid>" of the sweeper that as
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the study's parent run
 MAX_ERROR_CHARS = 2000
 SQLITE_PREFIX = "sqlite:///"
+POSTGRESQL_PREFIX = "postgresql://"
 SQLITE_BUSY_TIMEOUT_S = 60
+STORAGE_ATTEMPTS = 5  # to open a storage whose tables another worker is creating
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,9 +81,12 @@ def quiet_optuna() -> Iterator[None]:
 # --------------------------------------------------------------------------- storage
 
 
-def absolute_storage_url(url: str) -> str:
+def normalized_storage_url(url: str) -> str:
     """``url`` with a relative SQLite path made absolute (against the current directory) and
-    the database's folder created; other URLs unchanged."""
+    the database's folder created; ``postgresql://`` gets the psycopg (3) driver that hwexp
+    installs (SQLAlchemy 2.0 would pick psycopg2); other URLs unchanged."""
+    if url.startswith(POSTGRESQL_PREFIX):
+        return "postgresql+psycopg://" + url[len(POSTGRESQL_PREFIX) :]
     if not url.startswith(SQLITE_PREFIX):
         return url
     path, sep, query = url[len(SQLITE_PREFIX) :].partition("?")
@@ -91,8 +99,6 @@ def absolute_storage_url(url: str) -> str:
 
 def masked_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (for logs and MLflow)."""
-    import sqlalchemy.engine
-
     try:
         return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
     except Exception:  # not an SQLAlchemy URL: show its scheme only
@@ -118,14 +124,21 @@ def open_storage(
     if retry_interrupted and heartbeat_interval:
         with quiet_optuna():
             callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-    with quiet_optuna():
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval or None,
-            grace_period=grace_period or None,
-            heartbeat_stale_trial_callback=callback,
-        )
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            with quiet_optuna():
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval or None,
+                    grace_period=grace_period or None,
+                    heartbeat_stale_trial_callback=callback,
+                )
+        except sqlalchemy.exc.IntegrityError:  # workers starting at once on a new database
+            if attempt == STORAGE_ATTEMPTS - 1:  # raced to create the tables: theirs stand
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
@@ -365,6 +378,7 @@ def run_trial(splits: PreparedSplits, cfg: DictConfig) -> dict[str, float]:
         except optuna.TrialPruned:
             raise
         except Exception as error:
+            log.exception("trial %d failed", ref.number)  # the traceback, in the job's log
             with contextlib.suppress(Exception):  # the trial may be finished already
                 trial.set_user_attr(ERROR_ATTR, error_text(error))
             raise
@@ -445,8 +459,6 @@ class StudyRun:
         """The study's parent run: reopened (status RUNNING) if the study has one, else created
         by the worker that ``created`` the study (others wait up to ``wait_s`` for it, then
         create it themselves), with ``params`` logged. None when tracking is disabled."""
-        import time
-
         from hwexp.track import SWEEP_ID_TAG, Tracker, open_run, set_run_status
 
         if not tracking_cfg.get("enabled", True):

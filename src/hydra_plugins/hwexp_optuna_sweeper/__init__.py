@@ -29,7 +29,7 @@ Many workers
     ``n_trials`` (each worker counts the study before it asks; a trial asked in a race it lost
     is told FAIL with user attr ``surplus`` and never runs). SQLite (the default,
     ``sqlite:///<mlruns>/optuna.db``) serves the processes of one machine; across machines use
-    PostgreSQL, e.g. ``hydra.sweeper.storage=postgresql://hwexp@db-host:5432/optuna`` (psycopg2
+    PostgreSQL, e.g. ``hydra.sweeper.storage=postgresql://hwexp@db-host:5432/optuna`` (psycopg
     is installed with hwexp; keep the password in ``~/.pgpass`` or ``PGPASSWORD``: the URL is
     passed to every trial and recorded in its config). Give each worker its own
     ``hydra.sweeper.sampler.seed`` (or none), or they sample the same first parameters.

@@ -11,7 +11,8 @@ one machine or on many (same ``storage`` and ``study_name``):
   done or running, its trial is surplus and told FAIL (user attr ``surplus``) without running;
 * every RUNNING trial sends heartbeats (from the sweeper and from the job), so a trial whose
   process died becomes FAIL at the next check of any worker and, with ``retry_interrupted``,
-  its parameters are enqueued once more.
+  its parameters are enqueued once more (a RUNNING trial with no heartbeat at all, its worker
+  killed right after asking, gets one from the first worker that sees it, and goes stale too).
 
 Trial numbers are unique by construction of the storage. The job's return value is the
 objective; ``optuna.TrialPruned`` from the job means PRUNED; any other error, or a non-finite
@@ -48,10 +49,10 @@ from hwexp.sweep import (
     StudyRun,
     SweepTrial,
     TrialCounts,
-    absolute_storage_url,
     error_text,
     fail_stale_trials,
     masked_url,
+    normalized_storage_url,
     open_storage,
     quiet_optuna,
     trial_id,
@@ -102,7 +103,7 @@ class SweepSettings:
             raise ValueError("n_trials, n_jobs and heartbeat_interval must be at least 1")
         if self.max_failure_rate < 0:
             raise ValueError(f"max_failure_rate must be >= 0, got {self.max_failure_rate}")
-        self.storage = absolute_storage_url(self.storage)
+        self.storage = normalized_storage_url(self.storage)
 
     @property
     def failure_budget(self) -> int:
@@ -172,6 +173,7 @@ class OptunaSweep:
         self._space: SearchSpace | None = None
         self._storage: optuna.storages.RDBStorage | None = None
         self._study_run: StudyRun | None = None
+        self._seen_running: set[int] = set()  # RUNNING trial ids given a heartbeat once
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -224,11 +226,11 @@ class OptunaSweep:
         try:
             self._run_workers(study)
             status = "FINISHED"
-        except SweepAborted:
-            status = "FAILED"
-            raise
         except KeyboardInterrupt:
             status = "KILLED"
+            raise
+        except Exception:  # SweepAborted, or a launcher/storage error
+            status = "FAILED"
             raise
         finally:
             if self._study_run is not None:
@@ -324,11 +326,12 @@ class OptunaSweep:
         """A new RUNNING trial with its parameters sampled, or None once the study is done
         (waits while other workers' running trials may still complete it)."""
         settings = self.settings
-        assert self._space is not None
+        assert self._space is not None and self._storage is not None
         while not self._stop.is_set():
             with self._lock:
                 fail_stale_trials(study)
                 trials = study.get_trials(deepcopy=False)
+                self._adopt_silent_trials(trials)
                 counts = TrialCounts.of(trials)
                 if counts.done >= settings.n_trials:
                     return None
@@ -337,11 +340,26 @@ class OptunaSweep:
                 if counts.done + counts.running < settings.n_trials:
                     with quiet_optuna():
                         trial = study.ask(self._space.distributions)
+                    self._storage.record_heartbeat(trial_id(trial))  # alive from the start
+                    self._seen_running.add(trial_id(trial))
                     trial.set_user_attr(WORKER_ATTR, self.worker)
                     if not self._is_surplus(study, trial):
                         return trial
             time.sleep(settings.poll_interval)
         return None
+
+    def _adopt_silent_trials(self, trials: Sequence[optuna.trial.FrozenTrial]) -> None:
+        """Record one heartbeat for each RUNNING trial this worker sees for the first time.
+
+        Optuna never fails a RUNNING trial that has no heartbeat at all, as one whose worker
+        died between asking and its first heartbeat would stay; with this beat it goes stale
+        after ``grace_period`` like any other. For a live trial the beat changes nothing.
+        """
+        assert self._storage is not None
+        for trial in trials:
+            if trial.state == TrialState.RUNNING and trial_id(trial) not in self._seen_running:
+                self._storage.record_heartbeat(trial_id(trial))
+                self._seen_running.add(trial_id(trial))
 
     def _is_surplus(self, study: optuna.Study, trial: optuna.Trial) -> bool:
         """True (and the trial told FAIL, user attr ``surplus``) when ``n_trials`` trials with

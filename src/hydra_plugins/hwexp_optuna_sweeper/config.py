@@ -69,7 +69,7 @@ class HyperbandPrunerConf:
 
     _target_: str = "optuna.pruners.HyperbandPruner"
     min_resource: int = 1
-    max_resource: Any = "auto"  # epochs of a full trial, e.g. ${trainer.epochs}
+    max_resource: Any = "${oc.select:trainer.epochs,auto}"  # epochs of a full trial
     reduction_factor: int = 3
     bootstrap_count: int = 0
 
