@@ -2,14 +2,14 @@
 
 Runs ``python -m hwexp -m hparams_search=katakana`` in a scratch ``HWEXP_ROOT`` (data
 prepared once beforehand, so no sweep pays for it): first with ``hydra/sweeper/pruner=none``,
-then with each ``--pruner`` (default: the config's, hyperband), each as its own study with the
+then with each of ``--pruners`` (default: the config's), each as its own study with the
 same sampler seed (so all sample the same parameters for the first ``n_startup_trials``
 trials). Reports the wall time of each sweep, the best validation accuracy (the objective) and
 the best trial's test accuracy, trial states, and the ratios. Target: pruning at least halves
 the wall time while the best accuracy stays within 0.5 points.
 
     python scripts/bench_sweep.py [--trials 12] [--epochs 8] [--writers 60]
-        [--pruner hyperband [median ...]] [overrides ...]
+        [--pruners successive_halving,median] [overrides ...]
 
 Overrides apply to every sweep, e.g. ``'model.filters=choice([16,32],[32,64])'`` on a small CPU.
 """
@@ -103,7 +103,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8, help="epochs of an unpruned trial")
     parser.add_argument("--writers", type=int, default=60, help="synthetic writers (80%% train)")
     parser.add_argument(
-        "--pruner", nargs="+", default=["hyperband"], help="hyperband | median | successive_halving"
+        "--pruners",
+        default="successive_halving",
+        help="comma-separated: hyperband | median | successive_halving",
     )
     parser.add_argument("--seed", type=int, default=42, help="the sampler's seed")
     parser.add_argument("--root", type=Path, help="scratch HWEXP_ROOT (default: a temp dir)")
@@ -127,7 +129,7 @@ def main() -> None:
     prepare_s, _ = run(prepare, root, root / "prepare.log")
     print(f"root {root}; data prepared in {prepare_s:.0f} s ({args.writers} writers)")
 
-    results = [sweep(root, name, common) for name in ["none", *args.pruner]]
+    results = [sweep(root, name, common) for name in ["none", *args.pruners.split(",")]]
     print(
         f"\n{args.trials} trials x up to {args.epochs} epochs, synthetic katakana48, "
         f"{args.writers} writers, {os.cpu_count()} CPUs ({platform.processor() or 'cpu'}), "

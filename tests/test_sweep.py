@@ -34,6 +34,7 @@ from hwexp.sweep import (
     SweepTrial,
     TrialCounts,
     open_storage,
+    quiet_optuna,
 )
 from hydra_plugins.hwexp_optuna_sweeper._impl import OptunaSweep, SweepSettings, outcome_of
 from hydra_plugins.hwexp_optuna_sweeper._search_space import parse_search_space
@@ -388,7 +389,8 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path
     sweep._storage = open_storage(storage, 1, 1, retry_interrupted=True)
     sweep._space = parse_search_space({"lr": "interval(0.001, 0.01)"})
     study = optuna.create_study(study_name="race", storage=sweep._storage)
-    orphan = study.ask()  # its worker died before any heartbeat: Optuna never calls it stale
+    with quiet_optuna():  # its worker died before any heartbeat: Optuna never calls it stale
+        orphan = study.ask()
     give_up = threading.Timer(30, sweep._stop.set)  # _next_trial returns None then
     give_up.start()
     try:
