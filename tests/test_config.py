@@ -71,3 +71,4 @@ def test_debug_run_is_tiny(tmp_path):
     cfg = data_config(tmp_path, "debug=default", config_name="config")
     assert cfg.trainer.epochs <= 2 and cfg.dataset.limit_classes <= 5
     assert cfg.synthetic.writers <= 12
+    assert cfg.workers == 1  # the debug recipe wins over config.yaml's own values
