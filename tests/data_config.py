@@ -1,5 +1,8 @@
 """Compose the data layer's Hydra config the way ``python -m hwexp.data`` does."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -20,3 +23,17 @@ def data_config(root: Path, *overrides: str, config_name: str = "data") -> DictC
                 *overrides,
             ],
         )
+
+
+def run_module(
+    root: Path, module: str, *args: str, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` in ``root`` with ``HWEXP_ROOT=root`` (plus ``env``)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=os.environ | {"HWEXP_ROOT": str(root)} | (env or {}),
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,24 +1,13 @@
-import os
-import subprocess
-import sys
-
 from PIL import Image
 
+from data_config import run_module
 from etl_fixtures import make_etl8g_tree
 from hwexp.data.download import ENV_KMNIST_BASE_URL
 from test_download import fake_kmnist_files
 
 
 def run_cli(root, *args):
-    env = os.environ | {"HWEXP_ROOT": str(root)}
-    return subprocess.run(
-        [sys.executable, "-m", "hwexp.data", *args],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module(root, "hwexp.data", *args, timeout=300)
 
 
 def test_prepare_stats_show(tmp_path):
@@ -58,18 +47,8 @@ def test_usage_on_unknown_command(tmp_path):
 def test_download_command_verifies_md5_against_a_local_mirror(tmp_path, serve):
     files = fake_kmnist_files(tmp_path)  # cannot match the official md5s
     server = serve({f"kmnist/{name}": data for name, data in files.items()})
-    env = os.environ | {
-        "HWEXP_ROOT": str(tmp_path),
-        ENV_KMNIST_BASE_URL: f"{server.base_url}/kmnist",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "hwexp.data", "download", "kmnist"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    mirror = {ENV_KMNIST_BASE_URL: f"{server.base_url}/kmnist"}
+    result = run_module(tmp_path, "hwexp.data", "download", "kmnist", env=mirror, timeout=120)
     assert result.returncode == 1
     assert "md5" in result.stderr and "kmnist-train-imgs.npz" in result.stderr
     assert not (tmp_path / "data" / "raw" / "kmnist" / "kmnist-train-imgs.npz").exists()

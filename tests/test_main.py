@@ -11,6 +11,8 @@ import urllib.request
 import pytest
 from mlflow import MlflowClient
 
+from data_config import run_module
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -21,15 +23,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def debug_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("main")
-    env = os.environ | {"HWEXP_ROOT": str(root)}
-    result = subprocess.run(
-        [sys.executable, "-m", "hwexp", "debug=default", "trainer.verbose=0"],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_module(root, "hwexp", "debug=default", "trainer.verbose=0")
     assert result.returncode == 0, result.stderr[-3000:]
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
     return root, uri, result.stdout
