@@ -128,7 +128,8 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 
 def test_sweep_records_every_trial_resumes_and_recovers_an_interrupted_one(tmp_path) -> None:
     storage = sqlite_storage(tmp_path)
-    assert_ok(run_sweep(tmp_path))  # n_trials=4
+    export = ["export.after_sweep=true", 'export.overrides=["formats=[onnx]","register=false"]']
+    assert_ok(run_sweep(tmp_path, *export))  # n_trials=4, then the best trial is exported
 
     study = load_study(storage)
     assert states(study) == dict.fromkeys(range(4), TrialState.COMPLETE)
@@ -149,6 +150,10 @@ def test_sweep_records_every_trial_resumes_and_recovers_an_interrupted_one(tmp_p
         assert "val/accuracy" in child.data.metrics
     best = [r.info.run_id for r in children if r.data.tags.get("hwexp.best_trial") == "true"]
     assert best == [run_of[study.best_trial.number]]
+    exported = tmp_path / "outputs" / "exports" / best[0]
+    files = sorted(p.name for p in exported.iterdir())
+    assert files == ["classes.txt", "export.json", "synthetic.onnx"]
+    assert "export/onnx/agreement" in client.get_run(best[0]).data.metrics
     assert sorted(p.name for p in sweep_dir.glob("trial_*")) == [f"trial_{i}" for i in range(4)]
 
     # A worker killed mid-trial leaves a RUNNING trial without heartbeats behind.

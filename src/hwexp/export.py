@@ -41,14 +41,12 @@ Convention shared with the sweeper: the sweep's MLflow *parent* run carries the 
 ``hwexp.sweep_id`` = the absolute path of ``hydra.sweep.dir`` and every trial is a child run of
 it; the callback exports the child with the highest ``select.metric`` when that is among its
 overrides, else the child the sweeper tagged ``hwexp.best_trial=true`` (direction-aware), else
-the child with the highest ``optimized_metric`` of the sweep. Wire it with (the sweep helper
-does so for ``export.after_sweep=true``)::
+the child with the highest ``optimized_metric`` of the sweep. ``conf/config.yaml`` wires it;
+``export.after_sweep=true`` switches it on and ``export.overrides`` (overrides of
+``conf/export.yaml``) shape the export::
 
-    hydra:
-      callbacks:
-        export:
-          _target_: hwexp.export.ExportAfterSweep
-          overrides: ["formats=[coreml,tflite,onnx]"]   # any overrides of conf/export.yaml
+    python -m hwexp -m hparams_search=katakana export.after_sweep=true \
+        'export.overrides=["formats=[coreml,onnx]"]'
 """
 
 from __future__ import annotations
@@ -923,6 +921,13 @@ class ExportAfterSweep(Callback):
         self.overrides = [str(o) for o in overrides]
         self.enabled = bool(enabled)
         self.result: ExportResult | None = None
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.enabled:
+            log.warning(
+                "export.after_sweep applies to sweeps (python -m hwexp -m ...); export this run "
+                "with: python -m hwexp.export run=<run id>"
+            )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from hwexp.track import BEST_TRIAL_TAG, client_for, find_sweep_parent, tagged_child
