@@ -10,13 +10,17 @@ temporary folder and prints records/s of:
 * the reference article's path: per-record ``struct.unpack`` + ``Image.frombytes(..., 'bit', 4)``,
   alone and followed by ``skimage.transform.resize`` per image.
 
-Also prints the peak resident memory of a child process that prepares the file, next to the
-size of the output array. Usage: ``python scripts/bench_decode.py [--records N]``.
+Each path runs ``--repeat`` times (a fresh cache entry each time for the prepare paths); the
+best run counts and the spread is shown, since other work on the machine slows single runs. The
+load average is printed before and after. Also prints the peak resident memory of a child
+process that prepares the file, next to the size of the output array.
+Usage: ``python scripts/bench_decode.py [--records N] [--repeat R]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import struct
@@ -77,7 +81,7 @@ def make_file(path: Path, records: int) -> None:
             )
 
 
-def article_records(path: Path, resize: bool) -> int:
+def article_records(path: Path, resize: bool, _run: int = 0) -> int:
     from skimage.transform import resize as sk_resize
 
     count = 0
@@ -97,7 +101,13 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def prepare(path: Path, cache_dir: Path, workers: int) -> None:
+def timed_runs(repeat: int, fn, *args) -> list[float]:
+    """Seconds of ``repeat`` runs of ``fn(*args, run_index)``."""
+    return [timed(fn, *args, run) for run in range(repeat)]
+
+
+def prepare(path: Path, cache_dir: Path, workers: int, run: int = 0) -> None:
+    """Prepare ``path`` into a new cache entry under ``cache_dir`` (one per workers and run)."""
     from hwexp.data import etl
     from hwexp.data.cache import load_or_prepare
     from hwexp.data.preprocess import PreprocessOptions
@@ -107,7 +117,7 @@ def prepare(path: Path, cache_dir: Path, workers: int) -> None:
         cache_dir,
         "etl9g",
         "all",
-        {"bench": str(path), "w": workers},
+        {"bench": str(path), "w": workers, "run": run},
         lambda: tasks,
         PreprocessOptions(),
         workers=workers,
@@ -137,34 +147,42 @@ def child_peak_rss(path: Path, cache_dir: Path, work: bool = True) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=12_144)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per path; the best counts")
     args = parser.parse_args()
     from hwexp.data import etl
     from hwexp.data.cache import resolve_workers
 
-    n = args.records
+    n, repeat = args.records, max(1, args.repeat)
     cpus = resolve_workers("auto")
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ETL9G_01"
         make_file(path, n)
         os.sync()
-        results = {}
-        results["read bytes"] = min(timed(lambda: path.read_bytes()) for _ in range(3))
-        # decoded in the 2,048-record chunks the prepare path uses; best of 3 (warm cache)
-        results["hwexp decode"] = min(
-            timed(lambda: [t.load() for t in etl.etl_tasks([path], etl.ETL9G, None)])
-            for _ in range(3)
+        runs = {}
+        runs["read bytes"] = timed_runs(repeat, lambda _: path.read_bytes())
+        # decoded in the chunks the prepare path uses (warm page cache)
+        runs["hwexp decode"] = timed_runs(
+            repeat, lambda _: [t.load() for t in etl.etl_tasks([path], etl.ETL9G, None)]
         )
-        results["hwexp prepare, 1 worker"] = timed(prepare, path, Path(tmp) / "c1", 1)
-        results[f"hwexp prepare, {cpus} workers"] = timed(prepare, path, Path(tmp) / "c2", cpus)
-        results["article decode"] = timed(article_records, path, False)
-        results["article decode + resize"] = timed(article_records, path, True)
+        runs["hwexp prepare, 1 worker"] = timed_runs(repeat, prepare, path, Path(tmp) / "c1", 1)
+        runs[f"hwexp prepare, {cpus} workers"] = timed_runs(
+            repeat, prepare, path, Path(tmp) / "c2", cpus
+        )
+        runs["article decode"] = timed_runs(repeat, article_records, path, False)
+        runs["article decode + resize"] = timed_runs(repeat, article_records, path, True)
         peak = child_peak_rss(path, Path(tmp) / "c3")
         baseline = child_peak_rss(path, Path(tmp) / "c4", work=False)
+    load_after = os.getloadavg()
+    results = {name: min(seconds) for name, seconds in runs.items()}
     rates = {name: n / seconds for name, seconds in results.items()}
-    print(f"{n} ETL9G records ({n * RECORD / 1e6:.0f} MB), {cpus} CPUs")
-    print(f"{'path':34s} {'seconds':>8s} {'records/s':>11s}")
+    print(f"{n} ETL9G records ({n * RECORD / 1e6:.0f} MB), {cpus} CPUs, best of {repeat} runs")
+    loads = [", ".join(f"{x:.2f}" for x in load) for load in (load_before, load_after)]
+    print(f"load average (1, 5, 15 min): {loads[0]} before, {loads[1]} after")
+    print(f"{'path':34s} {'seconds':>8s} {'records/s':>11s}   all runs (records/s)")
     for name, seconds in results.items():
-        print(f"{name:34s} {seconds:8.2f} {rates[name]:11,.0f}")
+        spread = ", ".join(f"{n / s:,.0f}" for s in runs[name])
+        print(f"{name:34s} {seconds:8.2f} {rates[name]:11,.0f}   {spread}")
     best = max(v for k, v in rates.items() if k.startswith("hwexp prepare"))
     print(
         f"prepare speed-up over the article's decode + resize: "
@@ -175,11 +193,12 @@ def main() -> None:
         "slower (target <= 3x)"
     )
     output = n * 48 * 48
+    chunk = inspect.signature(etl.etl_tasks).parameters["chunk_records"].default
     print(
         f"peak RSS of a 1-worker prepare: {peak / 1e6:.0f} MB, of which {baseline / 1e6:.0f} MB "
         f"is the interpreter and libraries; output array {output / 1e6:.0f} MB; raw file "
-        f"{n * RECORD / 1e6:.0f} MB. Working memory is per 2,048-record chunk, so it does not "
-        "grow with the number of files."
+        f"{n * RECORD / 1e6:.0f} MB. Working memory is per {chunk:,}-record chunk, so it does "
+        "not grow with the number of files."
     )
     print(json.dumps({k: round(v) for k, v in rates.items()}))
 

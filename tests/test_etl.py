@@ -163,6 +163,15 @@ def test_decoding_is_vectorised_not_per_record(tmp_path, monkeypatch):
     assert calls == []
 
 
+def test_4bit_unpacking_spans_blocks_high_nibble_first():
+    rng = np.random.default_rng(0)
+    packed = rng.integers(0, 256, (150, 12), dtype=np.uint8)  # more records than one block
+    images = etl.unpack_pixels(packed, 4, 4, 6)
+    expected = np.stack([packed >> 4, packed & 15], axis=2).reshape(150, 4, 6) * 17
+    np.testing.assert_array_equal(images, expected)
+    assert images.dtype == np.uint8
+
+
 def test_format_record_sizes():
     assert etl.ETL1C.record_size == 2052
     assert etl.ETL8G.record_size == 8199

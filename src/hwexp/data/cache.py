@@ -31,7 +31,8 @@ from hwexp.data.preprocess import PreprocessOptions, normalise_characters
 from hwexp.data.raw import ChunkTask
 
 # Bump when the meaning of cached arrays changes (reader or preprocessing code).
-CACHE_FORMAT = 2
+# 3: batched sparse resize, clean-up independent of an image's place in its batch.
+CACHE_FORMAT = 3
 
 
 @dataclass

@@ -154,6 +154,9 @@ ETL9B = EtlFormat(
 FORMATS: dict[str, EtlFormat] = {f.name.lower(): f for f in (ETL1C, ETL8G, ETL9G, ETL8B2, ETL9B)}
 
 
+_UNPACK_BLOCK = 64  # records unpacked at a time
+
+
 def unpack_pixels(packed: np.ndarray, bits: int, height: int, width: int) -> np.ndarray:
     """Unpack ``(n, nbytes)`` uint8 image fields into ``(n, height, width)`` uint8, ink high."""
     n = len(packed)
@@ -161,11 +164,18 @@ def unpack_pixels(packed: np.ndarray, bits: int, height: int, width: int) -> np.
         pixels = np.unpackbits(packed, axis=1)
         pixels *= 255
         return pixels.reshape(n, height, width)
-    pixels = np.empty((n, packed.shape[1], 2), np.uint8)
-    np.right_shift(packed, 4, out=pixels[..., 0])
-    np.bitwise_and(packed, 15, out=pixels[..., 1])
-    pixels *= 17  # 4-bit grey 0..15 -> 0..255
-    return pixels.reshape(n, height, width)
+    # Each byte 0xHL becomes the little-endian pair (H, L) in one uint16 lane, without
+    # strided writes: ((0x00HL << 12) | 0x00HL) >> 4 = 0x0L0H (bits above 16 fall off).
+    # Blocks of records keep the temporary small and in cache.
+    pixels = np.empty(packed.shape, "<u2")
+    for start in range(0, n, _UNPACK_BLOCK):
+        pairs = packed[start : start + _UNPACK_BLOCK].astype(np.uint16)
+        block = np.left_shift(pairs, 12)
+        block |= pairs
+        block >>= 4
+        block *= 17  # 4-bit grey 0..15 -> 0..255 in both bytes (no carry: 15 * 17 = 255)
+        pixels[start : start + _UNPACK_BLOCK] = block
+    return pixels.view(np.uint8).reshape(n, height, width)
 
 
 def image_bytes(records: np.ndarray, fmt: EtlFormat) -> np.ndarray:
@@ -188,6 +198,7 @@ def _jis_labels(codes: np.ndarray) -> np.ndarray:
     return chars[inverse]
 
 
+@functools.cache  # at most 65,536 codes; every chunk of every file asks for the same ones
 def _char_or_empty(code: int) -> str:
     try:
         return jis0208_to_char(code)
@@ -249,8 +260,10 @@ def decode_records(
         selected = np.isin(labels, list(keep))
         records, labels, index = records[selected], labels[selected], index[selected]
     images = unpack_pixels(image_bytes(records, fmt), fmt.bits, fmt.height, fmt.width)
+    # Copies (a few bytes a record), not views: a view would keep the file's memory map, and
+    # with it every page read so far, alive for as long as the caller keeps the metadata.
     meta = {
-        name: np.asarray(records[name])
+        name: np.array(records[name])
         for name in fmt.dtype.names
         if not name.startswith("_") and name != "image"
     }
@@ -319,19 +332,22 @@ def etl_files(data_dir: Path, fmt: EtlFormat) -> list[Path]:
 
 
 def etl_tasks(
-    paths: Sequence[Path], fmt: EtlFormat, keep: frozenset[str] | None, chunk_records: int = 2048
+    paths: Sequence[Path], fmt: EtlFormat, keep: frozenset[str] | None, chunk_records: int = 512
 ) -> list[ChunkTask]:
-    """Chunked decode tasks over ``paths``; each task's ``count`` is exact after filtering."""
+    """Chunked decode tasks over ``paths``; each task's ``count`` is exact after filtering.
+
+    Labels are read chunk by chunk, each through its own short-lived memory map, so that the
+    file's pages are not all mapped (and counted as resident) at once.
+    """
     tasks = []
     for path in paths:
         total = record_count(path, fmt)
         read_records(path, fmt)  # size check now, before any worker starts
-        labels = etl_label(fmt, read_records(path, fmt))
-        _check_labels(path, fmt, labels, 0)
-        wanted = np.ones(total, bool) if keep is None else np.isin(labels, list(keep))
         for start in range(0, total, chunk_records):
             stop = min(start + chunk_records, total)
-            count = int(wanted[start:stop].sum())
+            labels = etl_label(fmt, read_records(path, fmt, start, stop))
+            _check_labels(path, fmt, labels, start)
+            count = len(labels) if keep is None else int(np.isin(labels, list(keep)).sum())
             if count:
                 load = functools.partial(decode_records, path, fmt, start, stop, keep)
                 tasks.append(ChunkTask(load, count, f"{path.name} records {start}..{stop - 1}"))

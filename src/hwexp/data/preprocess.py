@@ -14,31 +14,66 @@ convention of MNIST, KMNIST and ETL's own grey levels. The steps, each an option
    margin, and resize with anti-aliasing to ``size`` x ``size``. The crop is never smaller
    than ``min_crop`` of the input's side, so small kana (っ ゃ) stay smaller than つ や.
 
-Everything works on a batch ``(n, h, w)`` at once except the final resize (PIL, per image).
+Everything works on a batch ``(n, h, w)`` at once, in sub-batches small enough to stay in the
+CPU cache. The resize is separable and linear: per image, the weights of PIL's filters (box,
+bilinear, bicubic, Lanczos) for the crop box give one sparse matrix per axis, and all images of a
+sub-batch go through two block-diagonal sparse products. Pixels outside the input count as
+0 (black), so a crop box reaching past the border never smears edge pixels outwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 
 import numpy as np
-from PIL import Image
-from scipy import ndimage
+from scipy import ndimage, sparse
 
 from hwexp.data.errors import ConfigError
 from hwexp.data.raw import Ink
 
 # Ink-to-background contrast (grey levels of 255) below which an image counts as blank.
 MIN_CONTRAST = 16.0
-_EIGHT_CONNECTED = np.ones((3, 3), bool)
-_RESAMPLING = {
-    "auto": None,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
+# 8-connectivity within each image of a stack (none across the first axis), for ndimage.label.
+_EIGHT_CONNECTED_PER_IMAGE = np.zeros((3, 3, 3), bool)
+_EIGHT_CONNECTED_PER_IMAGE[1] = True
+
+
+@dataclass(frozen=True)
+class _Filter:
+    """A resampling kernel as PIL defines it: ``weight(x)`` for a distance ``x`` in input
+    pixels (scaled by the shrink factor when shrinking), zero beyond ``support``."""
+
+    support: float
+    weight: Callable[[np.ndarray], np.ndarray]
+
+
+def _box(x: np.ndarray) -> np.ndarray:
+    return ((x > -0.5) & (x <= 0.5)).astype(np.float64)
+
+
+def _triangle(x: np.ndarray) -> np.ndarray:
+    return np.maximum(0.0, 1.0 - np.abs(x))
+
+
+def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _lanczos3(x: np.ndarray) -> np.ndarray:
+    return np.where((x >= -3.0) & (x < 3.0), np.sinc(x) * np.sinc(x / 3.0), 0.0)
+
+
+_FILTERS = {
+    "box": _Filter(0.5, _box),
+    "bilinear": _Filter(1.0, _triangle),
+    "bicubic": _Filter(2.0, _cubic),
+    "lanczos": _Filter(3.0, _lanczos3),
 }
+_RESAMPLING = ("auto", *_FILTERS)
 
 
 @dataclass(frozen=True)
@@ -108,15 +143,22 @@ def ink_high(images: np.ndarray, ink: Ink) -> np.ndarray:
     return out
 
 
+_BATCH_PIXELS = 64 * 128 * 127  # input pixels per batch by default
+
+
 def normalise_characters(
     images: np.ndarray,
     ink: Ink = "high",
     options: PreprocessOptions | None = None,
-    batch: int = 512,
+    batch: int | None = None,
 ) -> np.ndarray:
     """Normalise ``(n, h, w)`` uint8 character images to ``(n, size, size)`` uint8, ink high.
 
-    An image with no ink left after clean-up comes out black (all zeros).
+    An image with no ink left after clean-up comes out black (all zeros). Each image's result
+    depends on that image alone, whatever the batch. ``batch`` images are processed at once;
+    the default, about a million input pixels (64 ETL9G images), keeps a batch's working
+    arrays small enough to stay in cache and to be reused by the allocator rather than mapped
+    afresh each time, and large enough that numpy's per-call overhead stays small.
     """
     options = options or PreprocessOptions()
     images = np.asarray(images)
@@ -124,6 +166,8 @@ def normalise_characters(
         images = images[None]
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(f"expected (n, h, w) uint8 images, got {images.shape} {images.dtype}")
+    if batch is None:
+        batch = max(1, _BATCH_PIXELS // max(1, images.shape[1] * images.shape[2]))
     out = np.empty((len(images), options.size, options.size), np.uint8)
     for start in range(0, len(images), batch):
         part = ink_high(images[start : start + batch], ink)
@@ -138,85 +182,222 @@ def _normalise_batch(images: np.ndarray, options: PreprocessOptions) -> np.ndarr
     step = max(1, min(h, w) // 60)
     small = np.ascontiguousarray(images[:, ::step, ::step])
     low, high = _levels(small, options)
-    mask = small > (low + options.ink_threshold * (high - low))[:, None, None]
+    mask = _padded_mask(small, low + options.ink_threshold * (high - low))
     keep = _clean_mask(mask, options)
-    images = _keep_only_near(images, keep, step, low)
-    boxes = _crop_boxes(keep, options) * step
-    resized = _resize_all(images, boxes, options).astype(np.float32)
+    # Everything away from kept ink goes: specks and border fragments with their anti-aliased
+    # fringes, and background blotches below the ink threshold. Kept ink's own grey edges
+    # survive because the kept mask is first grown by two mask cells. Cleared pixels become 0,
+    # like pixels outside the image: below the background level, so black after the stretch.
+    grey = _masked(images, _inner(_dilate(keep, 2)), step)
+    grey = _resize_all(grey, _crop_boxes(keep, options) * step, options)
+    # Contrast stretch, noise floor and scaling to 0..255 in one affine map per image.
+    floor = options.noise_floor
     if options.contrast_stretch:
         span = np.maximum(high - low, MIN_CONTRAST)
-        resized = (resized - low[:, None, None]) / span[:, None, None]
+        base = low
     else:
-        resized /= 255.0
-    floor = options.noise_floor
-    resized = np.clip((resized - floor) / (1.0 - floor), 0.0, 1.0)
-    resized[(high - low) < MIN_CONTRAST] = 0.0  # blank: no contrast to call ink
-    return (resized * 255.0 + 0.5).astype(np.uint8)
+        span, base = np.full(n, 255.0, np.float32), np.zeros(n, np.float32)
+    gain = 255.0 / ((1.0 - floor) * span)
+    gain[(high - low) < MIN_CONTRAST] = 0.0  # blank: no contrast to call ink
+    offset = 0.5 - (base + floor * span) * gain  # + 0.5: round to nearest below
+    out = grey * gain[:, None, None]
+    out += offset[:, None, None]
+    return np.clip(out, 0.0, 255.0, out=out).astype(np.uint8)
 
 
 def _levels(small: np.ndarray, options: PreprocessOptions) -> tuple[np.ndarray, np.ndarray]:
-    """Per image background and ink grey levels (float, 0..255) from two percentiles."""
+    """Per image background and ink grey levels (float32, 0..255) from two percentiles."""
     flat = small.reshape(len(small), -1)
     last = flat.shape[1] - 1
     k_low = int(round(options.background_percentile / 100 * last))
     k_high = int(round(options.ink_percentile / 100 * last))
-    parted = np.partition(flat, sorted({k_low, k_high}), axis=1)
-    return parted[:, k_low].astype(np.float32), parted[:, k_high].astype(np.float32)
+    # Usually the darkest level fills more than the low rank and the brightest more than the
+    # ranks above the high one: then those are the percentiles, found without a partition.
+    low, high = flat.min(axis=1), flat.max(axis=1)
+    above = flat.shape[1] - k_high  # cells from the high rank up
+    unsure = (_count_equal(flat, low) <= k_low) | (_count_equal(flat, high) < above)
+    if unsure.any():
+        parted = np.partition(flat[unsure], sorted({k_low, k_high}), axis=1)
+        low[unsure], high[unsure] = parted[:, k_low], parted[:, k_high]
+    return low.astype(np.float32), high.astype(np.float32)
 
 
-def _keep_only_near(
-    images: np.ndarray, keep: np.ndarray, step: int, background: np.ndarray
-) -> np.ndarray:
-    """Full-resolution images with every pixel away from kept ink set to the background level.
+def _count_equal(flat: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per row of ``flat``, how many cells equal that row's value."""
+    dtype = np.uint16 if flat.shape[1] < 2**16 else np.uint32  # narrow sums are faster
+    return (flat == values[:, None]).view(np.uint8).sum(axis=1, dtype=dtype)
 
-    This removes specks and border fragments together with their anti-aliased fringes, and
-    background blotches that stayed below the ink threshold; the kept ink's own grey edges
-    survive because the kept mask is first grown by two mask cells.
-    """
+
+# Masks carry a border of this many empty cells, so that shifting a whole batch as one flat
+# array (what dilation and neighbour tests do) moves no cell into a neighbouring row or image.
+_PAD = 2
+
+
+def _padded_mask(small: np.ndarray, threshold: np.ndarray) -> np.ndarray:
+    """``small > threshold`` per image (threshold in 0..255), as ``(n, h + 2 * _PAD,
+    w + 2 * _PAD)`` bool."""
+    n, h, w = small.shape
+    mask = np.zeros((n, h + 2 * _PAD, w + 2 * _PAD), bool)
+    # For integer grey levels, > t is > floor(t): compare uint8 with uint8, not as floats.
+    whole = np.floor(threshold).astype(np.uint8)[:, None, None]
+    np.greater(small, whole, out=_inner(mask))
+    return mask
+
+
+def _inner(mask: np.ndarray) -> np.ndarray:
+    """The cells of a padded mask (a view)."""
+    return mask[:, _PAD:-_PAD, _PAD:-_PAD]
+
+
+def _shifted_or(mask: np.ndarray, offsets: tuple[int, ...]) -> np.ndarray:
+    """OR of ``mask`` moved by each of ``offsets`` cells through the batch in raster order."""
+    flat = mask.reshape(-1)
+    out = np.zeros_like(flat)
+    for offset in offsets:
+        if offset > 0:
+            out[offset:] |= flat[:-offset]
+        else:
+            out[:offset] |= flat[-offset:]
+    return out.reshape(mask.shape)
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Padded ``mask`` dilated by a square of side ``2 * radius + 1`` (``radius <= _PAD``)."""
+    row = mask.shape[2]
+    along = tuple(d for r in range(1, radius + 1) for d in (r, -r))
+    grown = mask | _shifted_or(mask, along)
+    return grown | _shifted_or(grown, tuple(d * row for d in along))
+
+
+def _has_neighbour(mask: np.ndarray) -> np.ndarray:
+    """Cells of padded ``mask`` with at least one of their 8 neighbours set."""
+    row = mask.shape[2]
+    vertical = _shifted_or(mask, (row, -row))
+    vertical |= _shifted_or(vertical | mask, (1, -1))
+    return vertical
+
+
+def _masked(images: np.ndarray, mask: np.ndarray, step: int) -> np.ndarray:
+    """``images`` ``(n, h, w)`` uint8 with pixels under cells of ``mask`` that are off set to
+    0 (a new array); ``mask`` has one cell per ``step`` x ``step`` pixels, covering the images."""
     n, h, w = images.shape
-    near = _dilate3x3(_dilate3x3(keep))
-    if step > 1:
-        near = np.repeat(np.repeat(near, step, axis=1), step, axis=2)
-    full = np.zeros((n, h, w), bool)
-    full[:, : near.shape[1], : near.shape[2]] = near[:, :h, :w]
-    if near.shape[1] < h:  # rows/columns the subsampled mask did not reach: copy the edge
-        full[:, near.shape[1] :, :] = full[:, near.shape[1] - 1 : near.shape[1], :]
-    if near.shape[2] < w:
-        full[:, :, near.shape[2] :] = full[:, :, near.shape[2] - 1 : near.shape[2]]
-    fill = np.round(background).astype(np.uint8)[:, None, None]
-    return np.where(full, images, fill)
+    cells = mask.view(np.uint8)
+    if step in (2, 4, 8):  # repeat each cell along rows in one pass: multiply by 0x0101...
+        wide = np.dtype(f"u{step}")
+        cells = (cells.astype(wide) * wide.type(int("01" * step, 16))).view(np.uint8)
+    elif step > 1:
+        cells = np.repeat(cells, step, axis=2)
+    cells = cells[:, :, :w]
+    out = np.empty_like(images)
+    # Along columns, broadcast each row of cells over its ``step`` rows of pixels.
+    whole = h // step
+    blocks = (n, whole, step, w)
+    np.multiply(
+        images[:, : whole * step].reshape(blocks),
+        cells[:, :whole, None, :],
+        out=out[:, : whole * step].reshape(blocks),
+    )
+    np.multiply(images[:, whole * step :], cells[:, whole : whole + 1], out=out[:, whole * step :])
+    return out
 
 
-def _dilate3x3(mask: np.ndarray) -> np.ndarray:
-    """Binary dilation of each ``(h, w)`` plane by a 3x3 square (two separable passes)."""
-    rows = mask.copy()
-    rows[:, 1:] |= mask[:, :-1]
-    rows[:, :-1] |= mask[:, 1:]
-    grown = rows.copy()
-    grown[:, :, 1:] |= rows[:, :, :-1]
-    grown[:, :, :-1] |= rows[:, :, 1:]
-    return grown
+def _any_per_image(mask: np.ndarray) -> np.ndarray:
+    """Whether each image of a contiguous mask has a set cell."""
+    return mask.reshape(len(mask), -1).view(np.uint8).max(axis=1, initial=0).astype(bool)
 
 
 def _clean_mask(mask: np.ndarray, options: PreprocessOptions) -> np.ndarray:
-    """The ink mask without specks and border fragments."""
+    """Padded ink ``mask`` without specks and border fragments (padded, a new array).
+
+    Gives the same result as :func:`_clean_mask_labelled`, which labels every image, but
+    labels only what it must: when specks are single pixels (``min_speck_area`` at most two
+    mask cells) they are found from their neighbours, and border fragments are looked for only
+    in the bands along the edges that have ink. Images left with no ink, where the largest
+    component has to be kept, go through the labelled path.
+    """
+    n, h, w = _inner(mask).shape
+    speck_cells = options.min_speck_area * h * w
+    if speck_cells > 2:
+        keep = np.zeros_like(mask)
+        _inner(keep)[:] = _clean_mask_labelled(_inner(mask), options)
+        return keep
+    # Specks are single cells, those with no neighbour.
+    keep = mask & _has_neighbour(mask) if speck_cells > 1 else mask.copy()
+    if options.remove_border_fragments:
+        _remove_border_fragments(keep, options)
+    emptied = np.flatnonzero(~_any_per_image(keep) & _any_per_image(mask))
+    if len(emptied):
+        _inner(keep)[emptied] = _clean_mask_labelled(_inner(mask)[emptied], options)
+    return keep
+
+
+def _remove_border_fragments(padded: np.ndarray, options: PreprocessOptions) -> None:
+    """Clear, in place, components that touch an edge, stay within that edge's band and are
+    small against the image's ink (the padded mask must hold no specks: its ink is kept ink).
+
+    Each edge is handled on a strip one row deeper than the band, turned so that the edge is
+    row 0: a component of the strip that touches row 0 and not the strip's last row is a whole
+    component of the image (8-connected pixels differ by at most one row).
+    """
+    keep = _inner(padded)
+    n, h, w = keep.shape
+    band_h, band_w = options.fragment_band * h, options.fragment_band * w
+    # Rows from each edge a fragment may occupy: rows < band from the top, >= h - band from
+    # the bottom (as in _border_fragments), and the same for columns.
+    edges = (
+        (keep, int(np.ceil(band_h))),
+        (keep[:, ::-1], h - int(np.ceil(h - band_h))),
+        (keep.transpose(0, 2, 1), int(np.ceil(band_w))),
+        (keep.transpose(0, 2, 1)[:, ::-1], w - int(np.ceil(w - band_w))),
+    )
+    limit = None
+    for view, depth in edges:
+        if depth <= 0:
+            continue
+        images = np.flatnonzero(view[:, 0].any(axis=1))
+        if not len(images):
+            continue
+        if limit is None:  # before any removal: the share is of the kept ink
+            limit = options.fragment_max_share * _count_per_image(padded)
+        strip = view[images, : depth + 1]
+        labels, count = ndimage.label(strip, structure=_EIGHT_CONNECTED_PER_IMAGE)
+        areas = np.bincount(labels.ravel(), minlength=count + 1)
+        owner = _label_owner(labels, count)  # index into images
+        fragment = np.zeros(count + 1, bool)
+        fragment[labels[:, 0]] = True
+        if depth < view.shape[1]:
+            fragment[labels[:, depth]] = False
+        fragment &= areas <= limit[images[owner]]
+        fragment[0] = False
+        hit = np.unique(owner[fragment])  # strips with something to clear
+        if len(hit):
+            view[images[hit], : depth + 1] = strip[hit] & ~fragment[labels[hit]]
+
+
+def _label_owner(labels: np.ndarray, count: int) -> np.ndarray:
+    """Index of the image each label ``0..count`` of a stack of labelled images belongs to."""
+    # Labels are numbered in raster order, so each image's labels follow the previous image's.
+    last_label = np.maximum.accumulate(labels.reshape(len(labels), -1).max(axis=1))
+    return np.searchsorted(last_label, np.arange(count + 1))
+
+
+def _count_per_image(mask: np.ndarray) -> np.ndarray:
+    """Set cells per image of a contiguous bool mask ``(n, ...)``."""
+    return mask.reshape(len(mask), -1).view(np.uint8).sum(axis=1, dtype=np.int32)
+
+
+def _clean_mask_labelled(mask: np.ndarray, options: PreprocessOptions) -> np.ndarray:
+    """The ink mask without specks and border fragments, from labelling every image."""
     n, h, w = mask.shape
-    # Label all images as one tall 2D picture, each followed by an empty separator row:
-    # 8-connected components never cross images and get ids in raster (= image) order.
-    stacked = np.zeros((n, h + 1, w), bool)
-    stacked[:, :h] = mask
-    labels, _ = ndimage.label(stacked.reshape(n * (h + 1), w), structure=_EIGHT_CONNECTED)
-    labels = labels.reshape(n, h + 1, w)[:, :h]
-    count = int(labels.max())
+    labels, count = ndimage.label(mask, structure=_EIGHT_CONNECTED_PER_IMAGE)
     if count == 0:
-        return mask
+        return mask.copy()
     areas = np.bincount(labels.ravel(), minlength=count + 1)
-    last_label = np.maximum.accumulate(labels.reshape(n, -1).max(axis=1))
-    owner = np.searchsorted(last_label, np.arange(count + 1))
+    owner = _label_owner(labels, count)
     keep = areas >= options.min_speck_area * h * w
+    keep[0] = False  # the background: neither ink nor a fragment
     if options.remove_border_fragments:
         keep &= ~_border_fragments(labels, areas, owner, keep, options)
-    keep[0] = False
     # Never remove every component of an image: keep its largest if nothing else survives.
     ink_left = np.bincount(owner[keep], weights=areas[keep], minlength=n)
     for image in np.flatnonzero(ink_left == 0):
@@ -259,14 +440,18 @@ def _border_fragments(
     return fragment
 
 
-def _crop_boxes(mask: np.ndarray, options: PreprocessOptions) -> np.ndarray:
-    """Per image ``(x0, y0, x1, y1)`` float crop boxes in pixel coordinates."""
-    n, h, w = mask.shape
+def _crop_boxes(padded: np.ndarray, options: PreprocessOptions) -> np.ndarray:
+    """Per image ``(x0, y0, x1, y1)`` float crop boxes in cells of a padded mask's inner part."""
+    n, h, w = _inner(padded).shape
     if not options.crop:
         return np.tile(np.array([0.0, 0.0, w, h]), (n, 1))
-    rows, cols = mask.any(axis=2), mask.any(axis=1)
-    has_ink = rows.any(axis=1)
-    y0, y1 = rows.argmax(axis=1), h - rows[:, ::-1].argmax(axis=1)
+    cols = _any_over_rows(padded)[:, _PAD:-_PAD]
+    has_ink = cols.any(axis=1)
+    # First and last rows with ink: first set cell in raster order, from the top and from the
+    # bottom (argmax of a bool array stops at the first True).
+    row = padded.shape[2]
+    y0 = padded.reshape(n, -1).argmax(axis=1) // row - _PAD
+    y1 = h + _PAD - np.ascontiguousarray(padded[:, ::-1]).reshape(n, -1).argmax(axis=1) // row
     x0, x1 = cols.argmax(axis=1), w - cols[:, ::-1].argmax(axis=1)
     boxes = np.stack([x0, y0, x1, y1], axis=1).astype(np.float64)
     boxes[~has_ink] = [0, 0, w, h]
@@ -282,31 +467,101 @@ def _crop_boxes(mask: np.ndarray, options: PreprocessOptions) -> np.ndarray:
     return np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1)
 
 
+def _any_over_rows(mask: np.ndarray) -> np.ndarray:
+    """``mask.any(axis=1)`` of a bool ``(n, h, w)`` mask, by halving (much faster)."""
+    while mask.shape[1] > 1:
+        half = mask.shape[1] // 2
+        folded = mask[:, :half] | mask[:, half : 2 * half]
+        if mask.shape[1] % 2:
+            folded[:, 0] |= mask[:, -1]
+        mask = folded
+    return mask[:, 0]
+
+
 def _resize_all(grey: np.ndarray, boxes: np.ndarray, options: PreprocessOptions) -> np.ndarray:
-    n, h, w = grey.shape
-    # Pad once so every crop box lies inside the image: PIL would smear edge pixels outwards.
-    pad = int(
-        np.ceil(max(0.0, -boxes[:, :2].min(), (boxes[:, 2] - w).max(), (boxes[:, 3] - h).max()))
-    )
-    if pad:
-        grey = np.pad(grey, ((0, 0), (pad, pad), (pad, pad)))
-        boxes = boxes + pad
-        h, w = h + 2 * pad, w + 2 * pad
-    grey = np.ascontiguousarray(grey)
+    """Resample each image's crop box ``(x0, y0, x1, y1)`` (pixels, may reach past the border)
+    to ``(n, size, size)`` float32 grey levels; pixels outside the image count as 0."""
     size = options.size
     if options.resample == "auto":
         # Area averaging when shrinking (anti-aliasing), bilinear when enlarging small crops.
         shrinking = (boxes[:, 2] - boxes[:, 0]) > size
-        methods = np.where(shrinking, int(Image.Resampling.BOX), int(Image.Resampling.BILINEAR))
+        if shrinking.all() or not shrinking.any():  # the usual case: one filter for all
+            return _resample(grey, boxes, size, _FILTERS["box" if shrinking.all() else "bilinear"])
+        out = np.empty((len(grey), size, size), np.float32)
+        for chosen, name in ((shrinking, "box"), (~shrinking, "bilinear")):
+            out[chosen] = _resample(grey[chosen], boxes[chosen], size, _FILTERS[name])
+        return out
+    return _resample(grey, boxes, size, _FILTERS[options.resample])
+
+
+def _resample(grey: np.ndarray, boxes: np.ndarray, size: int, kernel: _Filter) -> np.ndarray:
+    """:func:`_resize_all` for one filter: two block-diagonal sparse products, rows first."""
+    n, h, w = grey.shape
+    scales = (boxes[:, 2:] - boxes[:, :2]) / size  # (n, [x, y]) input pixels per output pixel
+    # Box weights are 0/1: integer sums are exact, and uint16 is twice as fast as float32.
+    most = np.prod(np.ceil(scales.max(axis=0)) + 1)  # input pixels per output pixel, at most
+    exact = kernel.weight is _box and most * 255 < 2**16
+    dtype = np.uint16 if exact else np.float32
+    by_rows, row_sums = _axis_matrix(boxes[:, 1], boxes[:, 3], size, h, kernel, dtype)
+    by_cols, col_sums = _axis_matrix(boxes[:, 0], boxes[:, 2], size, w, kernel, dtype)
+    rows = by_rows @ grey.astype(dtype).reshape(n * h, w)
+    rows = rows.reshape(n, size, w).transpose(0, 2, 1).reshape(n * w, size)
+    both = (by_cols @ rows).reshape(n, size, size)  # (image, out column, out row)
+    col_scale, row_scale = (1.0 / col_sums).astype(np.float32), (1.0 / row_sums).astype(np.float32)
+    return (both * col_scale[:, :, None] * row_scale[:, None, :]).transpose(0, 2, 1)
+
+
+def _axis_matrix(
+    start: np.ndarray, stop: np.ndarray, size: int, length: int, kernel: _Filter, dtype: type
+) -> tuple[sparse.csr_array, np.ndarray]:
+    """Resampling ``start..stop`` (pixel coordinates along one axis of ``length`` pixels) of
+    each of ``n`` images to ``size`` samples, as a block-diagonal ``(n * size, n * length)``
+    matrix of unnormalised weights, and each sample's weight sum ``(n, size)``.
+
+    Weights are PIL's (``ImagingResample``: the kernel centred on each output pixel, widened by
+    the shrink factor); taps outside ``0..length`` are left out but count in the sums, as
+    pixels of value 0 would.
+    """
+    n = len(start)
+    scale = (stop - start) / size
+    if kernel.weight is _box and (scale >= 1).all():
+        # The box kernel cuts the axis into runs of whole pixels, one per sample (the pixels
+        # whose centres fall in its span): only their bounds are needed.
+        bounds = np.floor(start[:, None] + np.arange(size + 1) * scale[:, None] + 0.5)
+        sums = np.diff(bounds, axis=1)
+        bounds = np.clip(bounds, 0, length).astype(np.int32)
+        first, counts = bounds[:, :-1].ravel(), np.diff(bounds, axis=1).ravel()
+        values = np.ones(counts.sum(), dtype)
     else:
-        methods = np.full(n, int(_RESAMPLING[options.resample]))
-    methods = methods.tolist()  # plain ints: PIL's enum handling costs more than the resize
-    boxes = boxes.tolist()
-    out = bytearray(n * size * size)
-    step = size * size
-    for i in range(n):
-        image = Image.frombuffer("L", (w, h), grey[i], "raw", "L", 0, 1)
-        out[i * step : (i + 1) * step] = image.resize(
-            (size, size), methods[i], box=boxes[i]
-        ).tobytes()
-    return np.frombuffer(out, np.uint8).reshape(n, size, size)
+        index, weights, used, sums = _taps(start, scale, size, length, kernel)
+        counts = np.count_nonzero(used, axis=2).ravel()
+        first = (index[:, :, 0] + np.argmax(used, axis=2)).ravel()  # unused where no taps
+        values = weights[used].astype(dtype)
+    indptr = np.zeros(n * size + 1, np.int32)
+    np.cumsum(counts, out=indptr[1:])
+    # Column of each stored weight: its run's first pixel, plus its place in the run, plus
+    # the image's offset in the stacked batch.
+    starts = first + np.repeat(np.arange(n, dtype=np.int32) * length, size)
+    columns = np.arange(indptr[-1], dtype=np.int32) + np.repeat(starts - indptr[:-1], counts)
+    matrix = sparse.csr_array((values, columns, indptr), shape=(n * size, n * length))
+    return matrix, sums
+
+
+def _taps(
+    start: np.ndarray, scale: np.ndarray, size: int, length: int, kernel: _Filter
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Input indices, weights and which taps are used, ``(n, size, taps)``, of any kernel as
+    :func:`_axis_matrix` describes them, and weight sums ``(n, size)``. A sample's used taps
+    are consecutive: those within the kernel's support and within ``0..length``."""
+    stretch = np.maximum(scale, 1.0)
+    support = kernel.support * stretch
+    taps = int(np.ceil(support.max())) * 2 + 1
+    centre = start[:, None] + (np.arange(size) + 0.5) * scale[:, None]
+    index = np.floor(centre - support[:, None] + 0.5)[:, :, None] + np.arange(taps)
+    weights = kernel.weight((index - centre[:, :, None] + 0.5) / stretch[:, None, None])
+    end = np.floor(centre + support[:, None] + 0.5)[:, :, None]  # PIL's last tap + 1
+    weights[index >= end] = 0.0
+    sums = weights.sum(axis=2)
+    sums[sums == 0] = 1.0
+    used = (index >= 0) & (index < np.minimum(end, length))
+    return index.astype(np.int32), weights, used, sums
