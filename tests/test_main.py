@@ -38,7 +38,7 @@ def test_debug_run_records_params_metrics_tags_and_artifacts(debug_run):
     assert run.info.status == "FINISHED"
     assert run.info.run_id in stdout
     params = run.data.params
-    assert params["model.name"] == "article" and params["dataset.source"] == "synthetic"
+    assert params["model.name"] == "vgg_bn" and params["dataset.source"] == "synthetic"
     assert params["preprocess.size"] == "48" and params["trainer.epochs"] == "2"
     metrics = run.data.metrics
     for key in ("test/accuracy", "test/top5_accuracy", "test/macro_f1", "val/accuracy"):
