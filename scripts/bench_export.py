@@ -7,7 +7,7 @@ times single-image inference for TFLite (LiteRT interpreter) and ONNX Runtime, o
 markdown table (sizes in MB = 10^6 bytes; accuracy on the run's test split; Core ML accuracy is
 measured on macOS only).
 
-    python scripts/bench_export.py [--calls 1000] [--coreml-weights fp16 int8 palette4] \
+    python scripts/bench_export.py [--calls 1000] [--coreml-weights fp16,int8,palette4] \
         [export overrides, e.g. run=<id> paths.root_dir=/path/to/project]
 """
 
@@ -41,7 +41,12 @@ def latency_ms(predict, images: np.ndarray, calls: int, warmup: int = 50) -> tup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=1000)
-    parser.add_argument("--coreml-weights", nargs="+", default=["fp16", "int8", "palette4"])
+    parser.add_argument(
+        "--coreml-weights",
+        type=lambda text: text.split(","),
+        default=["fp16", "int8", "palette4"],
+        help="comma-separated Core ML weight options, each exported once",
+    )
     parser.add_argument("overrides", nargs="*", help="overrides of conf/export.yaml")
     args = parser.parse_args()
 
