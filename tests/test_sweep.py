@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
+from data_config import run_module
 from hwexp.sweep import (
     ERROR_ATTR,
     MLFLOW_RUN_ATTR,
@@ -46,27 +47,18 @@ SWEEP_TIMEOUT_S = 400
 # --------------------------------------------------------------------------- helpers
 
 
-def sweep_command(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "hwexp", "-m", "hparams_search=debug", *overrides]
+SWEEP_ARGS = ("-m", "hparams_search=debug")
 
 
 def run_sweep(root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"HWEXP_ROOT": str(root)}
-    return subprocess.run(
-        sweep_command(*overrides),
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=SWEEP_TIMEOUT_S,
-    )
+    return run_module(root, "hwexp", *SWEEP_ARGS, *overrides, timeout=SWEEP_TIMEOUT_S)
 
 
 def start_sweep(root: Path, *overrides: str) -> subprocess.Popen:
     """A sweep in its own process group (so that a test can kill it with its jobs)."""
     env = os.environ | {"HWEXP_ROOT": str(root)}
     return subprocess.Popen(
-        sweep_command(*overrides),
+        [sys.executable, "-m", "hwexp", *SWEEP_ARGS, *overrides],
         env=env,
         cwd=root,
         stdout=subprocess.PIPE,
