@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -40,6 +41,28 @@ def covered(font_path: Path, chars: tuple[str, ...]) -> list[str]:
 
     cmap = TTFont(str(font_path), fontNumber=0, lazy=True).getBestCmap() or {}
     return [c for c in chars if ord(c) in cmap]
+
+
+def _plain_form(char: str) -> str:
+    """``char`` without voicing marks and at full size (で → て, ぱ → は, っ → つ)."""
+    base = unicodedata.normalize("NFD", char)[0]
+    name = unicodedata.name(base, "")
+    if " SMALL " in name:
+        try:
+            return unicodedata.lookup(name.replace(" SMALL ", " "))
+        except KeyError:
+            return base
+    return base
+
+
+def error_kind(true: str, predicted: str) -> str:
+    """Kind of a misreading: ``voicing mark`` (で → て, ぱ → ば), ``small/full size``
+    (つ → っ), else ``other``."""
+    if _plain_form(true) != _plain_form(predicted):
+        return "other"
+    if unicodedata.normalize("NFD", true)[1:] != unicodedata.normalize("NFD", predicted)[1:]:
+        return "voicing mark"
+    return "small/full size"
 
 
 def render(font: ImageFont.FreeTypeFont, char: str, rng: np.random.Generator | None) -> np.ndarray:
@@ -106,6 +129,7 @@ def main() -> int:
     print(f"{'font':36s} {'chars':>5s} {'plain':>7s} {'distorted':>9s}")
     errors: list[tuple[np.ndarray, str, str]] = []
     totals = Counter()
+    kinds = Counter()  # (plain | distorted, error kind) -> errors
     for path in fonts:
         chars = covered(path, trained.classes)
         if not chars:
@@ -133,6 +157,9 @@ def main() -> int:
             results[kind] = right.mean()
             totals[kind, "right"] += int(right.sum())
             totals[kind, "all"] += len(right)
+            names = trained.classes
+            for i in np.flatnonzero(~right):
+                kinds[kind, error_kind(names[labels[i]], names[predicted[i]])] += 1
             for i in np.flatnonzero(~right)[:20]:
                 errors.append(
                     (images[i], trained.classes[labels[i]], trained.classes[predicted[i]])
@@ -145,6 +172,13 @@ def main() -> int:
         f"{totals['plain', 'right'] / totals['plain', 'all']:7.1%} "
         f"{totals['distorted', 'right'] / totals['distorted', 'all']:9.1%}"
     )
+    for kind in ("plain", "distorted"):
+        wrong = totals[kind, "all"] - totals[kind, "right"]
+        shares = ", ".join(
+            f"{name} {kinds[kind, name]} ({kinds[kind, name] / max(wrong, 1):.0%})"
+            for name in ("voicing mark", "small/full size", "other")
+        )
+        print(f"{kind} errors: {wrong} = {shares}")
     if errors:
         grid = error_grid(errors[:96])
         out = save_png(grid, Path(args.out) / f"eval_fonts_errors_{trained.run_id[:8]}.png")

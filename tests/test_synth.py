@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +19,13 @@ from hwexp.synth import (
     SynthOptions,
     font_coverage,
     missing_characters,
+    render,
     render_writer,
     writer_kind,
 )
 from hwexp.synth.fonts import FontUnavailable, is_held_out, parse_fc_list, resolve_fonts
 from hwexp.synth.kanjivg import load_glyph, parse_path
+from hwexp.synth.render import voicing_mark_strokes
 from hwexp.synth.style import WriterStyle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +166,61 @@ def test_writers_differ_more_than_one_writer_repeating_itself():
     assert within_mean > 0.01  # and a writer does not repeat a character pixel for pixel
 
 
+def test_voicing_marks_are_found_for_every_voiced_kana():
+    chars = set().union(*(CLASS_SETS[name] for name in ("hiragana75", "etl9_3036", "k49")))
+    expected = {
+        c: {"\u3099": 2, "\u309a": 1}.get(unicodedata.normalize("NFD", c)[-1], 0) for c in chars
+    }
+    assert sum(n > 0 for n in expected.values()) == 25  # が..ぽ (ETL8 hiragana has no ゔ)
+    found = {c: voicing_mark_strokes(load_glyph(c)) for c in chars}
+    assert found == expected
+
+
+class _NoJitter(render._Mix):
+    """Per-character and per-image draws at their mean: only the writer's habit acts."""
+
+    def __init__(self) -> None:
+        super().__init__(np.random.default_rng(0), np.random.default_rng(1), 0.5)
+
+    def normal(self, shape=()):
+        return np.zeros(shape)
+
+
+@pytest.mark.parametrize("char", ["で", "ぱ"])
+def test_voicing_mark_habit_resizes_and_moves_only_the_mark(char):
+    glyph = load_glyph(char)
+    geo = render._geom(char)
+    style = dataclasses.replace(
+        WriterStyle.from_seed(3),
+        mark_scale=1.3,
+        mark_shift=(2.0, -1.0),
+        mark_rotation=0.0,
+        mark_spread=1.0,
+    )
+    pts = glyph.points.copy()
+    render._vary_marks(pts, glyph, geo, style, _NoJitter())
+    first = glyph.offsets[-geo.marks - 1]
+    np.testing.assert_array_equal(pts[:first], glyph.points[:first])  # the base is untouched
+    before, after = glyph.points[first:], pts[first:]
+    np.testing.assert_allclose(after.mean(axis=0), before.mean(axis=0) + [2.0, -1.0])
+    np.testing.assert_allclose(np.ptp(after, axis=0), 1.3 * np.ptp(before, axis=0))
+
+
+def test_voicing_marks_vary_between_writers():
+    """The mark's size relative to the base character changes from writer to writer."""
+    ratios = []
+    for seed in range(40, 60):
+        style = WriterStyle.from_seed(seed)
+        glyph, geo = load_glyph("ぱ"), render._geom("ぱ")
+        pts = glyph.points.copy()
+        render._vary_marks(pts, glyph, geo, style, _NoJitter())
+        first = glyph.offsets[-1 - geo.marks]
+        ratios.append(
+            np.ptp(pts[first:], axis=0).max() / np.ptp(glyph.points[first:], axis=0).max()
+        )
+    assert max(ratios) / min(ratios) > 1.5, ratios
+
+
 def test_writer_styles_cover_pens_and_scans():
     styles = [WriterStyle.from_seed(s) for s in range(300)]
     assert {s.pen for s in styles} == {"pencil", "ballpoint", "felt", "brush", "finger"}
@@ -171,10 +230,12 @@ def test_writer_styles_cover_pens_and_scans():
 
 
 def test_scan_modes_quantise_grey_levels():
-    chunk = render_writer(list("あいう"), 1, SynthOptions(scan_weights=(("4bit", 1.0),)))
-    assert set(np.unique(chunk.images)) <= set(range(0, 256, 17))
-    chunk = render_writer(list("あいう"), 1, SynthOptions(scan_weights=(("1bit", 1.0),)))
-    assert set(np.unique(chunk.images)) <= {0, 255}
+    for scan, levels in (("4bit", set(range(0, 256, 17))), ("1bit", {0, 255})):
+        options = SynthOptions(scan_weights=((scan, 1.0),))
+        # finger writers draw on a phone: never scanned
+        seed = next(s for s in range(100) if WriterStyle.from_seed(s, options).pen != "finger")
+        chunk = render_writer(list("あいう"), seed, options)
+        assert set(np.unique(chunk.images)) <= levels, scan
 
 
 def test_border_fragments_appear_when_asked():

@@ -64,6 +64,13 @@ class SynthOptions:
     shaky_share: float = 0.1  # share of writers with a tremor
     shake: Range = (0.05, 0.35)  # tremor amplitude of shaky writers, frame units
     connect_prob: Range = (0.0, 0.12)  # chance of a faint hairline joining consecutive strokes
+    # voicing marks (the dakuten ticks of で, the handakuten circle of ぱ): hands vary them more
+    # than other strokes, and a misread mark is a misread character
+    mark_scale: Range = (0.7, 1.35)  # size of the marks against KanjiVG's (log-uniform)
+    mark_shift: float = 3.0  # sd of a writer's habitual offset of the marks, frame units
+    mark_rotation_deg: Range = (-25.0, 15.0)  # habitual turn of the marks about their centre
+    mark_spread: Range = (0.6, 1.4)  # distance between the two dakuten ticks against KanjiVG's
+    mark_tick_sd_deg: float = 18.0  # sd of each dakuten tick's own turn
     # --- per character and per image variation of one writer ---------------------------------
     char_slant_sd_deg: float = 3.0
     char_rotation_sd_deg: float = 2.0

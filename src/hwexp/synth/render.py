@@ -13,6 +13,7 @@ The n-th occurrence of a character in ``chars`` is image instance n of that char
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -191,6 +192,7 @@ class _Geom:
     t_end: np.ndarray
     harai: np.ndarray  # bool per stroke: ends in a sweep
     offsets_end: np.ndarray  # index of each stroke's last point
+    marks: int  # voicing-mark strokes at the end: 2 dakuten ticks, 1 handakuten circle, or 0
 
 
 @lru_cache(maxsize=8192)
@@ -208,7 +210,24 @@ def _geom(char: str) -> _Geom:
     t_start /= np.maximum(np.linalg.norm(t_start, axis=1, keepdims=True), 1e-9)
     t_end /= np.maximum(np.linalg.norm(t_end, axis=1, keepdims=True), 1e-9)
     harai = np.array([t[:1] in _HARAI for t in g.types])
-    return _Geom(sid, s, length, centroid, t_start, t_end, harai, last)
+    return _Geom(sid, s, length, centroid, t_start, t_end, harai, last, voicing_mark_strokes(g))
+
+
+def voicing_mark_strokes(g: Glyph) -> int:
+    """How many of ``g``'s last strokes are its voicing mark: 2 for a dakuten (で), 1 for a
+    handakuten (ぱ), else 0. KanjiVG writes the mark last, as short strokes at the top right."""
+    decomposed = unicodedata.normalize("NFD", g.char)
+    n = {"\u3099": 2, "\u309a": 1}.get(decomposed[-1], 0) if len(decomposed) > 1 else 0
+    if n == 0 or g.n_strokes <= n:
+        return 0
+    mark = g.points[g.offsets[-n - 1] :]
+    extent = np.ptp(mark, axis=0)
+    centre = mark.mean(axis=0)
+    # Guard against a KanjiVG file that orders strokes differently: the mark must be small
+    # and right of the frame's centre.
+    if extent.max() > 0.25 * FRAME or centre[0] < _CENTRE:
+        return 0
+    return n
 
 
 def _deform(g: Glyph, geo: _Geom, style: WriterStyle, mix: _Mix) -> np.ndarray:
@@ -242,12 +261,39 @@ def _deform(g: Glyph, geo: _Geom, style: WriterStyle, mix: _Mix) -> np.ndarray:
         [cos * rel[:, 0] - sin * rel[:, 1], sin * rel[:, 0] + cos * rel[:, 1]], axis=1
     )
     pts += style.stroke_offset * z[sid, 2:]
+    if geo.marks:
+        _vary_marks(pts, g, geo, style, mix)
     # Tremor: high-frequency, per image only.
     if style.shake > 0:
         noise = mix.rng_i.standard_normal((len(pts), 2))
         noise = ndimage.gaussian_filter1d(noise, 1.5, axis=0, mode="nearest") * 2.2
         pts += style.shake * noise
     return pts + _warp(pts, style.warp, mix)
+
+
+def _vary_marks(pts: np.ndarray, g: Glyph, geo: _Geom, style: WriterStyle, mix: _Mix) -> None:
+    """Resize, turn, move (and for dakuten spread and turn each tick of) the voicing mark,
+    in place: the writer's habit plus per-character and per-image variation."""
+    first = g.offsets[-geo.marks - 1]
+    mark = pts[first:]
+    sid = geo.sid[first:] - (g.n_strokes - geo.marks)
+    z = mix.normal(5 + geo.marks)
+    centre = mark.mean(axis=0)
+    scale = style.mark_scale * math.exp(0.12 * z[0])
+    turn = style.mark_rotation + math.radians(10.0) * z[1]
+    shift = np.array(style.mark_shift) + 1.5 * z[2:4]
+    spread = style.mark_spread * math.exp(0.15 * z[4])
+    tick = style.mark_tick_sd * z[5:]  # each stroke's own turn (dakuten only)
+    if geo.marks == 1:
+        tick[:] = 0.0
+    own = np.stack([mark[sid == k].mean(axis=0) for k in range(geo.marks)])
+    rel = mark - own[sid]
+    cos, sin = np.cos(tick)[sid], np.sin(tick)[sid]
+    rel = np.stack([cos * rel[:, 0] - sin * rel[:, 1], sin * rel[:, 0] + cos * rel[:, 1]], 1)
+    local = spread * (own[sid] - centre) + rel
+    c, s_ = math.cos(turn), math.sin(turn)
+    local = local @ np.array([[c, -s_], [s_, c]]).T
+    pts[first:] = centre + shift + scale * local
 
 
 def _bend(

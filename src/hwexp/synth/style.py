@@ -86,6 +86,11 @@ class WriterStyle:
     stroke_gain_sd: float
     shake: float
     connect_prob: float
+    mark_scale: float  # voicing marks: size against KanjiVG's
+    mark_shift: tuple[float, float]  # (dx, dy) frame units
+    mark_rotation: float  # radians
+    mark_spread: float
+    mark_tick_sd: float  # radians
     # scanning habits (one sheet per writer is scanned alike)
     scan: str  # "8bit" | "4bit" | "1bit"
     low_res: bool  # scanned at half the canvas resolution (e.g. ETL's 64 x 63 cells)
@@ -164,4 +169,12 @@ class WriterStyle:
             font_warp=_uniform(rng, o.font_warp),
             font_weight_px=_uniform(rng, o.font_weight_px),
             font_round_px=_uniform(rng, o.font_round_px),
+            mark_scale=_log_uniform(rng, o.mark_scale),
+            mark_shift=(
+                float(rng.normal(0, o.mark_shift)),
+                float(rng.normal(0, o.mark_shift)),
+            ),
+            mark_rotation=math.radians(_uniform(rng, o.mark_rotation_deg)),
+            mark_spread=_log_uniform(rng, o.mark_spread),
+            mark_tick_sd=math.radians(o.mark_tick_sd_deg),
         )
