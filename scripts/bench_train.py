@@ -22,6 +22,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+import hwexp  # noqa: E402, F401  (before TensorFlow: sets its environment defaults)
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -92,6 +94,7 @@ def main() -> None:
         f"GPUs: {len(tf.config.list_physical_devices('GPU'))}, TF {tf.__version__}, "
         f"Keras {keras.__version__}; batch {args.batch_size}, {args.classes} classes, "
         f"augment {args.augment}, {args.samples} samples x {args.epochs - 1} timed epochs; "
+        f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '-')}; "
         f"load average before: {os.getloadavg()[0]:.2f}\n"
     )
     print("| model | size | params | dtype policy | samples/s | ms/batch | wall s |")
