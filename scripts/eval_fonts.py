@@ -188,18 +188,10 @@ def main() -> int:
 
 def error_grid(errors: list[tuple[np.ndarray, str, str]], columns: int = 12) -> Image.Image:
     """Tiles of misclassified images (dark on white) captioned ``true→predicted``."""
-    from hwexp.data.show import japanese_font
+    from hwexp.data.show import captioned_grid
 
-    cell, caption = 56, 18
-    rows = (len(errors) + columns - 1) // columns
-    grid = Image.new("L", (columns * cell, rows * (cell + caption)), 255)
-    draw = ImageDraw.Draw(grid)
-    font = japanese_font(14) or ImageFont.load_default()
-    for k, (image, true, predicted) in enumerate(errors):
-        x, y = (k % columns) * cell, (k // columns) * (cell + caption)
-        grid.paste(Image.fromarray(255 - image).resize((cell - 4, cell - 4)), (x + 2, y + 2))
-        draw.text((x + 4, y + cell), f"{true}→{predicted}", fill=0, font=font)
-    return grid
+    captions = [f"{true}→{predicted}" for _, true, predicted in errors]
+    return captioned_grid([image for image, _, _ in errors], captions, columns)
 
 
 if __name__ == "__main__":

@@ -161,3 +161,33 @@ def test_figures_render_without_errors() -> None:
     assert len(track.confusion_figure([("あ", "お", 3), ("い", "り", 1)]).axes[0].patches) == 2
     empty = track.confusion_figure([])
     assert list(empty.axes[0].patches) == []
+
+
+def test_misclassified_grid_shows_each_error_with_its_caption() -> None:
+    import numpy as np
+
+    from hwexp.train import EvaluationReport
+
+    images = np.zeros((3, 48, 48), np.uint8)
+    images[:, 10:38, 20:28] = 255  # a bright bar: drawn dark on white
+    report = EvaluationReport(
+        classes=("あ", "い", "う"),
+        labels=np.array([0, 1, 2]),
+        top_k=np.array([[1, 0, 2], [0, 1, 2], [2, 0, 1]]),
+        top_k_probs=np.full((3, 3), 0.5, np.float32),
+        true_probs=np.full(3, 0.5, np.float32),
+        writers=np.array(["w"] * 3),
+        sources=np.array(["s"] * 3),
+        images=images,
+    )
+    wrong = report.misclassified()
+    assert list(wrong) == [0, 1]
+    grid = np.asarray(track.misclassified_grid(report, wrong, columns=6))
+    assert grid.shape[1] == 6 * 72
+    tile_1, tile_2, tile_3 = (grid[:72, k * 72 : (k + 1) * 72] for k in range(3))
+    assert tile_1.min() == 0 and tile_2.min() == 0  # the bars, dark
+    assert tile_3.min() == 255  # no third error: blank
+    captions = grid[72:, :144]
+    assert (captions < 128).mean() > 0.02  # text under the tiles
+    empty = np.asarray(track.misclassified_grid(report, np.array([], np.int64)))
+    assert empty.min() < 64 and empty.max() == 255  # the "no misclassified samples" note

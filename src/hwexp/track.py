@@ -25,7 +25,6 @@ import csv
 import functools
 import io
 import logging
-import math
 import re
 import socket
 import subprocess
@@ -39,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
+import PIL.Image
+import PIL.ImageDraw
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from mlflow import MlflowClient
@@ -171,25 +172,24 @@ def pair_text(true: str, predicted: str) -> tuple[str, FontProperties | None]:
 # --------------------------------------------------------------------------- figures
 
 
-def misclassified_figure(report: EvaluationReport, indices: np.ndarray, columns: int = 6) -> Figure:
-    """A grid of test images, each titled ``true→predicted (confidence)``."""
-    rows = max(1, math.ceil(len(indices) / columns))
-    figure = Figure(figsize=(columns * 1.6, rows * 1.9), layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False)
-    images = report.images[np.asarray(indices, dtype=np.int64)] if len(indices) else []
-    for axis in axes.flat:
-        axis.set_axis_off()
-    for axis, image, index in zip(axes.flat, images, indices, strict=False):
-        true_char = report.classes[report.labels[index]]
-        predicted_char = report.classes[report.predicted[index]]
-        text, font = pair_text(true_char, predicted_char)
-        axis.imshow(image, cmap="gray", vmin=0, vmax=255)
-        axis.set_title(
-            f"{text}\n{report.top_k_probs[index, 0]:.0%}", fontproperties=font, fontsize=9
-        )
+def misclassified_grid(
+    report: EvaluationReport, indices: np.ndarray, columns: int = 6
+) -> PIL.Image.Image:
+    """A grid of test images (dark on white), each captioned ``true→predicted`` and the
+    confidence. Drawn with PIL: a matplotlib grid of 36 axes took 2.5 s, this 0.02 s."""
+    from hwexp.data.show import captioned_grid
+
+    indices = np.asarray(indices, dtype=np.int64)
     if not len(indices):
-        figure.text(0.5, 0.5, "no misclassified samples", ha="center", va="center")
-    return figure
+        image = PIL.Image.new("L", (columns * 72, 40), 255)
+        PIL.ImageDraw.Draw(image).text((8, 12), "no misclassified samples", fill=0)
+        return image
+    captions = [
+        f"{report.classes[report.labels[i]]}→{report.classes[report.predicted[i]]}\n"
+        f"{report.top_k_probs[i, 0]:.0%}"
+        for i in indices
+    ]
+    return captioned_grid(report.images[indices], captions, columns, cell=72, caption_px=15)
 
 
 def confusion_figure(pairs: Sequence[tuple[str, str, int]]) -> Figure:
@@ -418,10 +418,8 @@ class Tracker:
         self.log_text(_csv_text(rows, columns), "evaluation/confusion_pairs.csv")
         self.log_text(_markdown_table(rows, columns), "evaluation/confusion_pairs.md")
         self.log_figure(confusion_figure(confused), "evaluation/confusion_pairs.png")
-        self.log_figure(
-            misclassified_figure(report, report.misclassified(misclassified)),
-            "evaluation/misclassified.png",
-        )
+        grid = misclassified_grid(report, report.misclassified(misclassified))
+        self.client.log_image(self.run_id, grid, "evaluation/misclassified.png")
 
     def log_history(self, history: Mapping[str, Sequence[float]]) -> None:
         """Per-epoch Keras logs as ``training/history.csv`` and ``training/curves.png``."""

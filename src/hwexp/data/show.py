@@ -67,6 +67,34 @@ def sample_grid(
     return grid
 
 
+def captioned_grid(
+    images: np.ndarray | list[np.ndarray],
+    captions: list[str],
+    columns: int = 12,
+    cell: int = 56,
+    caption_px: int = 14,
+) -> Image.Image:
+    """Tiles of ink-bright ``images`` shown dark on white, ``cell`` px square, ``columns`` a
+    row, each with its caption (one or more lines of ``caption_px`` px text) below it.
+    Characters are drawn with a Japanese font when the machine has one, else as code points."""
+    font = japanese_font(caption_px)
+    lines = max((caption.count("\n") + 1 for caption in captions), default=1)
+    height = cell + lines * (caption_px + 3) + 2
+    rows = max(1, -(-len(captions) // columns))
+    grid = Image.new("L", (columns * cell, rows * height), 255)
+    draw = ImageDraw.Draw(grid)
+    for k, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        x, y = (k % columns) * cell, (k // columns) * height
+        tile = Image.fromarray(255 - np.asarray(image, dtype=np.uint8))
+        grid.paste(tile.resize((cell - 4, cell - 4)), (x + 2, y + 2))
+        if font is None:
+            caption = "".join(c if c.isascii() else f"U+{ord(c):04X}" for c in caption)
+        draw.multiline_text(
+            (x + 3, y + cell), caption, fill=0, font=font or ImageFont.load_default(), spacing=3
+        )
+    return grid
+
+
 def save_png(image: Image.Image, path: Path) -> Path:
     """Write ``image`` as PNG atomically."""
     import io
