@@ -61,12 +61,24 @@ def run(command: list[str], root: Path, log: Path) -> tuple[float, float]:
     return time.perf_counter() - start, cpu_seconds_of_children() - cpu_start
 
 
-def sweep(root: Path, pruner: str, common: list[str]) -> SweepResult:
+def pruner_overrides(spec: str) -> tuple[str, list[str]]:
+    """``NAME[:KEY=VALUE;KEY=VALUE...]`` -> (a study-name-safe label, Hydra overrides), e.g.
+    ``successive_halving:min_resource=2;reduction_factor=3``."""
+    name, _, settings = spec.partition(":")
+    pairs = [item.split("=", 1) for item in settings.split(";") if item]
+    overrides = [f"hydra/sweeper/pruner={name}"]
+    overrides += [f"hydra.sweeper.pruner.{key}={value}" for key, value in pairs]
+    label = "-".join([name, *(f"{key}{value}" for key, value in pairs)])
+    return label, overrides
+
+
+def sweep(root: Path, spec: str, common: list[str]) -> SweepResult:
     import optuna
     from mlflow import MlflowClient
 
     from hwexp.sweep import MLFLOW_RUN_ATTR, TrialCounts
 
+    pruner, overrides = pruner_overrides(spec)
     study_name = f"bench-{pruner}"
     command = [
         sys.executable,
@@ -74,7 +86,7 @@ def sweep(root: Path, pruner: str, common: list[str]) -> SweepResult:
         "hwexp",
         "-m",
         "hparams_search=katakana",
-        f"hydra/sweeper/pruner={pruner}",
+        *overrides,
         f"hydra.sweeper.study_name={study_name}",
         *common,
     ]
@@ -105,7 +117,8 @@ def main() -> None:
     parser.add_argument(
         "--pruners",
         default="successive_halving",
-        help="comma-separated: hyperband | median | successive_halving",
+        help="comma-separated: hyperband | median | successive_halving, each optionally with "
+        "settings: 'successive_halving:min_resource=2;reduction_factor=3'",
     )
     parser.add_argument("--seed", type=int, default=42, help="the sampler's seed")
     parser.add_argument("--root", type=Path, help="scratch HWEXP_ROOT (default: a temp dir)")

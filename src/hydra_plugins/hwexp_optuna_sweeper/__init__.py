@@ -7,7 +7,8 @@ one keeps its config vocabulary (``params`` with ``interval``/``int(interval)``/
 ``study_name``, ``sampler``) on current Optuna, and adds:
 
 Pruning
-    ``hydra/sweeper/pruner=median|successive_halving|hyperband|none``. Every job reports
+    ``hydra/sweeper/pruner=median|successive_halving|top_fraction|hyperband|none``
+    (``top_fraction``: ``hwexp.pruning.TopFractionPruner``). Every job reports
     ``monitor`` (default ``val_accuracy``) after each epoch and stops when pruned; such trials
     are PRUNED in the study and KILLED (tag ``hwexp.trial_state=PRUNED``) in MLflow.
 

@@ -1,6 +1,6 @@
 """Structured configs of the sweeper: ``hydra/sweeper: hwexp_optuna`` and its option groups
 ``hydra/sweeper/sampler`` (tpe, random) and ``hydra/sweeper/pruner`` (median,
-successive_halving, hyperband, none).
+successive_halving, top_fraction, hyperband, none).
 
 Hydra imports this module while scanning for plugins in every Hydra application, so it stays
 free of Optuna and hwexp imports. (No ``from __future__ import annotations``: Hydra's scan
@@ -61,6 +61,17 @@ class SuccessiveHalvingPrunerConf:
     reduction_factor: int = 4
     min_early_stopping_rate: int = 0
     bootstrap_count: int = 0
+
+
+@dataclass
+class TopFractionPrunerConf:
+    """``hwexp.pruning.TopFractionPruner``: successive halving for small studies; at epochs
+    min_resource * reduction_factor**k keep the top ceil(n / reduction_factor) trials by their
+    best value so far."""
+
+    _target_: str = "hwexp.pruning.TopFractionPruner"
+    min_resource: int = 1
+    reduction_factor: int = 4
 
 
 @dataclass
@@ -125,6 +136,7 @@ def register() -> None:
     pruners = {
         "median": MedianPrunerConf,
         "successive_halving": SuccessiveHalvingPrunerConf,
+        "top_fraction": TopFractionPrunerConf,
         "hyperband": HyperbandPrunerConf,
         "none": NopPrunerConf,
     }
