@@ -230,7 +230,7 @@ def test_the_katakana_search_covers_what_the_article_tuned_by_hand() -> None:
     assert cfg.hydra.sweeper._target_.endswith("HwexpOptunaSweeper")
     assert cfg.dataset.source == "synthetic" and cfg.dataset.classes == "katakana48"
     assert cfg.optimized_metric == "val/accuracy"
-    assert cfg.hydra.sweeper.pruner._target_ == "optuna.pruners.SuccessiveHalvingPruner"
+    assert cfg.hydra.sweeper.pruner._target_ == "hwexp.pruning.TopFractionPruner"
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         hyperband = ["hparams_search=katakana", "hydra/sweeper/pruner=hyperband"]
         cfg_hb = compose("config", hyperband, return_hydra_config=True)
