@@ -397,3 +397,27 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path
     assert study.trials[orphan.number].state == TrialState.FAIL
     assert trial is not None  # the orphan's parameters, once more
     assert study.trials[trial.number].system_attrs["failed_trial"] == orphan.number
+
+
+def test_only_a_lost_race_to_create_the_tables_is_retried() -> None:
+    import sqlite3
+
+    import psycopg.errors
+    import sqlalchemy.exc
+
+    from hwexp.sweep import _lost_table_race
+
+    def wrapped(kind, orig):
+        return kind("CREATE TABLE studies ...", {}, orig)
+
+    # PostgreSQL: 'relation "studies" already exists' when two workers create tables at once
+    assert _lost_table_race(
+        wrapped(sqlalchemy.exc.ProgrammingError, psycopg.errors.DuplicateTable())
+    )
+    assert _lost_table_race(
+        wrapped(sqlalchemy.exc.IntegrityError, psycopg.errors.UniqueViolation())
+    )
+    assert not _lost_table_race(
+        wrapped(sqlalchemy.exc.ProgrammingError, psycopg.errors.InsufficientPrivilege())
+    )
+    assert _lost_table_race(wrapped(sqlalchemy.exc.IntegrityError, sqlite3.IntegrityError()))

@@ -134,11 +134,26 @@ def open_storage(
                     grace_period=grace_period or None,
                     heartbeat_stale_trial_callback=callback,
                 )
-        except sqlalchemy.exc.IntegrityError:  # workers starting at once on a new database
-            if attempt == STORAGE_ATTEMPTS - 1:  # raced to create the tables: theirs stand
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
+            # workers starting at once on a new database race to create its tables: theirs
+            # stand, and the next attempt finds them
+            if not _lost_table_race(error) or attempt == STORAGE_ATTEMPTS - 1:
                 raise
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+_DUPLICATE_SQLSTATES = {"42P07", "42710", "23505"}  # duplicate table, object, unique key
+
+
+def _lost_table_race(error: sqlalchemy.exc.DBAPIError) -> bool:
+    """True when ``error`` says that another process created the same table first: SQLite's
+    IntegrityError, or PostgreSQL's duplicate table/object/key (``relation "studies" already
+    exists``, which a concurrent ``CREATE TABLE`` raises)."""
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    if sqlstate is not None:
+        return sqlstate in _DUPLICATE_SQLSTATES
+    return isinstance(error, sqlalchemy.exc.IntegrityError)
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
