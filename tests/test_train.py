@@ -259,6 +259,9 @@ def test_evaluate_keeps_top_k_in_split_order() -> None:
     report = evaluate(model, split, CLASSES, batch_size=16)
     probs = np.asarray(model.predict(split.images[..., None], verbose=0))
     np.testing.assert_array_equal(report.predicted, probs.argmax(axis=1))
-    np.testing.assert_allclose(report.true_probs, probs[np.arange(40), split.labels], rtol=1e-6)
+    # batch sizes differ (16 vs predict's 32), so oneDNN kernels may round differently
+    np.testing.assert_allclose(
+        report.true_probs, probs[np.arange(40), split.labels], rtol=1e-5, atol=1e-7
+    )
     assert report.top_k.shape == (40, 4)
     assert (np.diff(report.top_k_probs, axis=1) <= 0).all()  # best first
