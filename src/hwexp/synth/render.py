@@ -261,7 +261,7 @@ def _deform(g: Glyph, geo: _Geom, style: WriterStyle, mix: _Mix) -> np.ndarray:
         [cos * rel[:, 0] - sin * rel[:, 1], sin * rel[:, 0] + cos * rel[:, 1]], axis=1
     )
     pts += style.stroke_offset * z[sid, 2:]
-    if geo.marks:
+    if geo.marks and style.vary_marks:
         _vary_marks(pts, g, geo, style, mix)
     # Tremor: high-frequency, per image only.
     if style.shake > 0:

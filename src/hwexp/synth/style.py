@@ -86,6 +86,7 @@ class WriterStyle:
     stroke_gain_sd: float
     shake: float
     connect_prob: float
+    vary_marks: bool  # voicing marks varied by the habits below (SynthOptions.vary_voicing_marks)
     mark_scale: float  # voicing marks: size against KanjiVG's
     mark_shift: tuple[float, float]  # (dx, dy) frame units
     mark_rotation: float  # radians
@@ -169,6 +170,7 @@ class WriterStyle:
             font_warp=_uniform(rng, o.font_warp),
             font_weight_px=_uniform(rng, o.font_weight_px),
             font_round_px=_uniform(rng, o.font_round_px),
+            vary_marks=o.vary_voicing_marks,
             mark_scale=_log_uniform(rng, o.mark_scale),
             mark_shift=(
                 float(rng.normal(0, o.mark_shift)),
