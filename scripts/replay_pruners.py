@@ -24,21 +24,12 @@ import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
-import yaml
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from hydra_plugins.hwexp_optuna_sweeper import config
-
-PRUNER_CONFS = {
-    "none": config.NopPrunerConf,
-    "median": config.MedianPrunerConf,
-    "successive_halving": config.SuccessiveHalvingPrunerConf,
-    "top_fraction": config.TopFractionPrunerConf,
-    "hyperband": config.HyperbandPrunerConf,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_sweep, beside this script
 
 
 @dataclass(frozen=True)
@@ -71,17 +62,20 @@ def load_curves(storage: str, study_name: str) -> tuple[list[Curve], str]:
 
 
 def make_pruner(spec: str, max_epochs: int) -> Callable[[], optuna.pruners.BasePruner]:
-    """``NAME[:KEY=VALUE;...]`` (names as ``hydra/sweeper/pruner``) -> a pruner factory."""
-    name, _, settings = spec.partition(":")
-    if name not in PRUNER_CONFS:
-        raise SystemExit(f"unknown pruner {name!r}: {' | '.join(PRUNER_CONFS)}")
-    cfg = OmegaConf.structured(PRUNER_CONFS[name])
-    if name == "hyperband":
-        cfg.max_resource = max_epochs
-    for item in filter(None, settings.split(";")):
-        key, _, value = item.partition("=")
-        cfg[key] = yaml.safe_load(value)
-    return lambda: instantiate(cfg)
+    """A factory of the pruner that ``bench_sweep.py`` would sweep with for ``spec``
+    (``NAME[:KEY=VALUE;...]``), composed from the same config group, ``hydra/sweeper/pruner``,
+    with ``trainer.epochs`` = ``max_epochs`` (hyperband's ``max_resource``)."""
+    from hydra import compose, initialize_config_dir
+
+    from bench_sweep import pruner_overrides
+    from hwexp import CONF_DIR
+
+    _, overrides = pruner_overrides(spec)
+    overrides = ["hparams_search=katakana", *overrides, f"trainer.epochs={max_epochs}"]
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides, return_hydra_config=True)
+    pruner_cfg = cfg.hydra.sweeper.pruner
+    return lambda: instantiate(pruner_cfg)
 
 
 def replay(

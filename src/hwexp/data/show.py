@@ -13,7 +13,7 @@ from hwexp.data.cache import PreparedSource
 from hwexp.fsutil import atomic_write_bytes
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=4)  # a few sizes: sample grids, captions, MLflow error grids
 def japanese_font(size: int = 20) -> ImageFont.ImageFont | None:
     """A font with Japanese glyphs for labels, or None when the machine has none."""
     from hwexp.synth.fonts import display_font
