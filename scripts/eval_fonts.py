@@ -7,16 +7,19 @@ on white paper, once plain and ``--variants`` times lightly distorted (rotation,
 stroke weight, blur, placement), put through the run's own preprocessing, and classified.
 
 Prints top-1 accuracy per font and kind (plain / distorted) and writes a PNG grid of the
-misclassified samples (true → predicted) to look at by eye.
+misclassified samples (true → predicted) to look at by eye; ``--json`` also writes the figures
+(with the run's own test accuracy) for scripts such as ``ab_synth.py``.
 
 Usage::
 
     python scripts/eval_fonts.py --run best --experiment hwexp [--mlruns mlruns] [--out DIR]
+        [--json results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import unicodedata
 from collections import Counter
@@ -25,7 +28,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-HELD_OUT_DIRS = ("seto", "klee", "kouzan-mouhitsu", "aoyagi-soseki")
+# Font folders by kind: handwriting fonts (pen and pencil hands, the nearer stand-in for real
+# handwriting) and brush fonts (semi-cursive calligraphy, the harder style shift).
+FONT_GROUPS = {"handwriting": ("seto", "klee"), "brush": ("kouzan-mouhitsu", "aoyagi-soseki")}
+HELD_OUT_DIRS = tuple(d for dirs in FONT_GROUPS.values() for d in dirs)
 FONT_ROOT = Path("/usr/share/fonts/truetype")
 CANVAS = 128
 
@@ -53,6 +59,10 @@ def _plain_form(char: str) -> str:
         except KeyError:
             return base
     return base
+
+
+KINDS = ("plain", "distorted")
+ERROR_KINDS = ("voicing mark", "small/full size", "other")
 
 
 def error_kind(true: str, predicted: str) -> str:
@@ -103,10 +113,12 @@ def main() -> int:
     parser.add_argument("--variants", type=int, default=3, help="distorted renders per glyph")
     parser.add_argument("--size", type=int, default=96, help="font size in pixels")
     parser.add_argument("--out", default=".", help="folder for the misclassified grid")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     from hwexp.data.preprocess import PreprocessOptions, normalise_characters
     from hwexp.data.show import save_png
+    from hwexp.fsutil import atomic_write_text
     from hwexp.track import client_for, find_run, load_trained_model
 
     fonts = held_out_fonts()
@@ -118,7 +130,8 @@ def main() -> int:
         )
         return 1
     client = client_for({"uri": args.uri, "mlruns_dir": str(Path(args.mlruns).resolve())})
-    trained = load_trained_model(client, find_run(client, args.run, args.experiment, args.metric))
+    run_id = find_run(client, args.run, args.experiment, args.metric)
+    trained = load_trained_model(client, run_id)
     options = PreprocessOptions.from_config(trained.config["preprocess"])
     index_of = {c: i for i, c in enumerate(trained.classes)}
     rng = np.random.default_rng(0)
@@ -130,6 +143,7 @@ def main() -> int:
     errors: list[tuple[np.ndarray, str, str]] = []
     totals = Counter()
     kinds = Counter()  # (plain | distorted, error kind) -> errors
+    per_font: dict[str, dict[str, float]] = {}
     for path in fonts:
         chars = covered(path, trained.classes)
         if not chars:
@@ -154,9 +168,11 @@ def main() -> int:
             probs = trained.model.predict(images[..., None], batch_size=256, verbose=0)
             predicted = probs.argmax(axis=1)
             right = predicted == labels
-            results[kind] = right.mean()
-            totals[kind, "right"] += int(right.sum())
-            totals[kind, "all"] += len(right)
+            results[kind] = float(right.mean())
+            group = next(g for g, dirs in FONT_GROUPS.items() if path.parent.name in dirs)
+            for scope in ("all", group):
+                totals[scope, kind, "right"] += int(right.sum())
+                totals[scope, kind, "all"] += len(right)
             names = trained.classes
             for i in np.flatnonzero(~right):
                 kinds[kind, error_kind(names[labels[i]], names[predicted[i]])] += 1
@@ -164,21 +180,37 @@ def main() -> int:
                 errors.append(
                     (images[i], trained.classes[labels[i]], trained.classes[predicted[i]])
                 )
+        per_font[path.name] = results
         print(
             f"{path.name:36s} {len(chars):5d} {results['plain']:7.1%} {results['distorted']:9.1%}"
         )
-    print(
-        f"{'all held-out fonts':36s} {'':5s} "
-        f"{totals['plain', 'right'] / totals['plain', 'all']:7.1%} "
-        f"{totals['distorted', 'right'] / totals['distorted', 'all']:9.1%}"
-    )
+    scores = {
+        scope: {k: totals[scope, k, "right"] / totals[scope, k, "all"] for k in KINDS}
+        for scope in ("all", *FONT_GROUPS)
+        if totals[scope, "plain", "all"]
+    }
+    for scope, score in scores.items():
+        name = "all held-out fonts" if scope == "all" else f"{scope} fonts"
+        print(f"{name:36s} {'':5s} {score['plain']:7.1%} {score['distorted']:9.1%}")
+    error_kinds = {}
     for kind in ("plain", "distorted"):
-        wrong = totals[kind, "all"] - totals[kind, "right"]
+        wrong = totals["all", kind, "all"] - totals["all", kind, "right"]
+        error_kinds[kind] = {name: kinds[kind, name] for name in ERROR_KINDS}
         shares = ", ".join(
             f"{name} {kinds[kind, name]} ({kinds[kind, name] / max(wrong, 1):.0%})"
-            for name in ("voicing mark", "small/full size", "other")
+            for name in ERROR_KINDS
         )
         print(f"{kind} errors: {wrong} = {shares}")
+    if args.json:
+        summary = {
+            "run_id": trained.run_id,
+            "test_accuracy": client.get_run(run_id).data.metrics.get(args.metric),
+            "fonts": scores["all"],
+            "groups": {g: scores[g] for g in FONT_GROUPS if g in scores},
+            "per_font": per_font,
+            "errors": error_kinds,
+        }
+        atomic_write_text(Path(args.json), json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     if errors:
         grid = error_grid(errors[:96])
         out = save_png(grid, Path(args.out) / f"eval_fonts_errors_{trained.run_id[:8]}.png")

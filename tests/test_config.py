@@ -72,3 +72,20 @@ def test_debug_run_is_tiny(tmp_path):
     assert cfg.trainer.epochs <= 2 and cfg.dataset.limit_classes <= 5
     assert cfg.synthetic.writers <= 12
     assert cfg.workers == 1  # the debug recipe wins over config.yaml's own values
+
+
+def test_debian_fonts_recipe_changes_only_the_font_writers(tmp_path):
+    from hwexp.synth.fonts import is_held_out
+    from hwexp.synth.options import SynthOptions
+
+    def options(*overrides: str) -> dict:
+        cfg = data_config(tmp_path, *overrides, config_name="config")
+        return OmegaConf.to_container(cfg.synthetic, resolve=True)
+
+    default, debian = options(), options("synthetic=debian_fonts")
+    changed = {k for k in default if default[k] != debian[k]}
+    assert changed == {"fonts", "font_ratio"}
+    assert len(debian["fonts"]) == len(set(debian["fonts"])) == 18
+    assert not any(is_held_out(f) for f in debian["fonts"])  # never train on evaluation fonts
+    settings = {k: v for k, v in debian.items() if k not in ("writers", "first_writer")}
+    assert SynthOptions.from_config(settings).font_ratio == 0.3

@@ -99,15 +99,10 @@ def test_the_sweeper_offers_it_as_top_fraction() -> None:
 
 def test_replay_script_measures_pruners_on_a_finished_study(tmp_path, capsys, monkeypatch) -> None:
     import datetime
-    import importlib.util
-    import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "replay_pruners.py"
-    spec = importlib.util.spec_from_file_location("replay_pruners", script)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look themselves up
-    spec.loader.exec_module(module)
+    from scripts_loader import load_script
+
+    module = load_script("replay_pruners", monkeypatch)
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="bench-none", storage=storage, direction="maximize")

@@ -296,6 +296,19 @@ def test_held_out_fonts_are_refused(tmp_path):
 # --- geometry and options ---------------------------------------------------------------------
 
 
+def test_one_font_file_of_a_distribution_is_chosen_by_name(tmp_path, monkeypatch):
+    (face,) = resolve_fonts(("japanize-matplotlib:ipaexg.ttf",))
+    assert face.name == "ipaexg" and face.path == resolve_fonts(("japanize-matplotlib",))[0].path
+    with pytest.raises(FontUnavailable, match=r"no font file 'missing\.ttf'.*ipaexg\.ttf"):
+        resolve_fonts(("japanize-matplotlib:missing.ttf",))
+    with pytest.raises(FontUnavailable, match=r"'/no/such\.ttf' .*does not exist.*remove"):
+        resolve_fonts(("/no/such.ttf",))
+    # A file that exists under a name of that shape is a path, not a distribution entry.
+    shutil.copy(face.path, tmp_path / "a:b.ttf")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_fonts(("a:b.ttf",))[0].path == str((tmp_path / "a:b.ttf").resolve())
+
+
 def test_parse_path_absolute_relative_and_smooth_curves():
     line = parse_path("M10,10 L20,10")
     np.testing.assert_allclose(line[[0, -1]], [[10, 10], [20, 10]])

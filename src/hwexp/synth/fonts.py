@@ -1,8 +1,9 @@
 """Japanese fonts as a second kind of synthetic writer.
 
-A font entry of :attr:`SynthOptions.fonts` is either a PyPI distribution name whose files include
-``.ttf``/``.otf``/``.ttc`` fonts (default: ``japanize-matplotlib`` ships IPAexGothic,
-``noto-cjk-sans-jp-regular`` ships Noto Sans CJK JP) or a path to a font file. With
+A font entry of :attr:`SynthOptions.fonts` is a PyPI distribution name whose files include
+``.ttf``/``.otf``/``.ttc`` fonts (every font file of it is used), ``distribution:file`` for one
+font file of a distribution (``pylopdf-fonts-jp:NotoSerifJP-Regular.otf``), or a path to a font
+file. See :data:`hwexp.synth.options.DEFAULT_FONTS` for the defaults. With
 ``system_fonts`` the faces listed by ``fc-list :lang=ja`` are added. Fonts held out for
 evaluation (Debian's fonts-seto, fonts-klee, fonts-kouzan-mouhitsu, fonts-aoyagi-soseki) are
 refused by file name: listing one explicitly raises, system ones are left out.
@@ -55,7 +56,12 @@ def is_held_out(path: str | Path) -> bool:
     return bool(HELD_OUT.search(str(target).lower()))
 
 
-def _faces_of_distribution(dist: str) -> list[FontFace]:
+# "distribution:file name" (no path separators), as opposed to a path such as C:\\fonts\\x.ttf.
+_DIST_FILE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*):([^/\\:]+)$")
+
+
+def _faces_of_distribution(dist: str, file_name: str | None = None) -> list[FontFace]:
+    """The font files of ``dist``; only the one named ``file_name`` if given."""
     try:
         files = importlib.metadata.files(dist)
     except importlib.metadata.PackageNotFoundError as exc:
@@ -66,6 +72,14 @@ def _faces_of_distribution(dist: str) -> list[FontFace]:
     paths = sorted(str(f.locate()) for f in files or () if str(f).lower().endswith(FONT_SUFFIXES))
     if not paths:
         raise FontUnavailable(f"package {dist!r} ships no .ttf/.otf/.ttc font files")
+    if file_name is not None:
+        chosen = [p for p in paths if Path(p).name == file_name]
+        if not chosen:
+            raise FontUnavailable(
+                f"package {dist!r} has no font file {file_name!r}; its fonts: "
+                f"{[Path(p).name for p in paths]} (synthetic.fonts entry {dist}:{file_name})"
+            )
+        paths = chosen
     return [FontFace(Path(p).stem, p) for p in paths]
 
 
@@ -103,9 +117,16 @@ def resolve_fonts(fonts: tuple[str, ...], system_fonts: bool = False) -> tuple[F
     """
     faces: list[FontFace] = []
     for entry in fonts:
-        if entry.lower().endswith(FONT_SUFFIXES) or "/" in entry:
+        dist_file = _DIST_FILE.match(entry)
+        if dist_file and not Path(entry).is_file():
+            found = _faces_of_distribution(dist_file[1], dist_file[2])
+        elif entry.lower().endswith(FONT_SUFFIXES) or "/" in entry:
             if not Path(entry).is_file():
-                raise FontUnavailable(f"font file {entry!r} does not exist")
+                raise FontUnavailable(
+                    f"font file {entry!r} (synthetic.fonts) does not exist: install it (Debian "
+                    "fonts: the apt-get line atop conf/synthetic/debian_fonts.yaml) or remove "
+                    "the entry"
+                )
             found = [FontFace(Path(entry).stem, str(Path(entry).resolve()))]
         else:
             found = _faces_of_distribution(entry)

@@ -1,0 +1,181 @@
+"""A/B of renderer options: train each arm on synthetic data over several seeds, read fonts.
+
+Each arm is a name and Hydra overrides. For every arm and seed, ``python -m hwexp`` trains in
+its own ``HWEXP_ROOT`` (``OUT/ARM-sSEED``), then ``eval_fonts.py`` reads Debian's held-out
+handwriting and brush fonts with that model. The seed also changes the writer split and every
+writer's draws, so one seed's difference is mostly noise (about a point on hiragana): compare
+means and the per-seed paired differences against the first arm.
+
+    python scripts/ab_synth.py --out /tmp/ab --seeds 1 2 3 \\
+        --arm base \\
+        --arm serif 'synthetic.fonts=[japanize-matplotlib,noto-cjk-sans-jp-regular]' \\
+        [--common dataset.classes=hiragana75 --common trainer.epochs=12 ...]
+
+Finished runs are kept (``result.json``) and reused when the script is run again with the
+same arm and overrides, so a long comparison can be resumed or extended by seeds or arms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hwexp.fsutil import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_COMMON = ("dataset.classes=hiragana75", "synthetic.writers=80", "trainer.epochs=12")
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    overrides: tuple[str, ...]
+
+
+def run_arm_seed(arm: Arm, seed: int, common: tuple[str, ...], out: Path) -> dict:
+    """Train and read fonts for one arm and seed (or reuse a finished result); the figures."""
+    root = out / f"{arm.name}-s{seed}"
+    spec = {"arm": arm.name, "seed": seed, "overrides": [*common, *arm.overrides]}
+    spec_file, result_file = root / "arm.json", root / "result.json"
+    if spec_file.exists():
+        if json.loads(spec_file.read_text()) != spec:
+            raise SystemExit(
+                f"{root} holds a run of other overrides ({spec_file}); remove it or use another "
+                "--out or arm name"
+            )
+        if result_file.exists():
+            return json.loads(result_file.read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(spec_file, json.dumps(spec, indent=1) + "\n")
+    env = {**os.environ, "HWEXP_ROOT": str(root)}
+    train = [sys.executable, "-m", "hwexp", f"seed={seed}", *spec["overrides"]]
+    start = time.perf_counter()
+    _logged(train, root / "train.log", env)
+    wall = time.perf_counter() - start
+    read = [
+        sys.executable,
+        str(REPO / "scripts" / "eval_fonts.py"),
+        "--run",
+        "best",
+        "--mlruns",
+        str(root / "mlruns"),
+        "--out",
+        str(root),
+        "--json",
+        str(root / "fonts.json"),
+    ]
+    _logged(read, root / "eval.log", env)
+    result = {**json.loads((root / "fonts.json").read_text()), "train_seconds": wall}
+    atomic_write_text(result_file, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    return result
+
+
+def _logged(command: list[str], log: Path, env: dict[str, str]) -> None:
+    print("  $", " ".join(command), f"> {log}", flush=True)
+    with log.open("w") as f:
+        done = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise SystemExit(f"exit {done.returncode} from {command[1:3]}; see {log}:\n{tail}")
+
+
+# (column, where in a result): accuracies, shown in percent.
+FIGURES = (
+    ("synthetic test", ("test_accuracy",)),
+    ("fonts plain", ("fonts", "plain")),
+    ("fonts distorted", ("fonts", "distorted")),
+    ("handwriting fonts distorted", ("groups", "handwriting", "distorted")),
+    ("brush fonts distorted", ("groups", "brush", "distorted")),
+)
+
+
+def _figures(result: dict) -> list[float]:
+    values = []
+    for _, keys in FIGURES:
+        value = result
+        for key in keys:
+            value = value[key]
+        values.append(100 * value)
+    return values
+
+
+def summary_rows(arms: list[Arm], seeds: list[int], results: dict) -> list[str]:
+    """Markdown lines: one row per arm and seed; then per arm the mean of each figure and,
+    after the first arm, the mean (min..max) per-seed paired difference to it, in points."""
+    names = [name for name, _ in FIGURES]
+    lines = [
+        f"| arm | seed | {' | '.join(names)} | voicing / size / other errors, distorted "
+        "| train s |",
+        "|---|---|" + "---|" * (len(names) + 2),
+    ]
+    for arm in arms:
+        for seed in seeds:
+            r = results[arm.name, seed]
+            e = r["errors"]["distorted"]
+            kinds = f"{e['voicing mark']} / {e['small/full size']} / {e['other']}"
+            cells = " | ".join(f"{v:.1f}" for v in _figures(r))
+            lines.append(f"| {arm.name} | {seed} | {cells} | {kinds} | {r['train_seconds']:.0f} |")
+    lines += ["", f"| arm | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
+    base = arms[0]
+    for arm in arms:
+        per_seed = [_figures(results[arm.name, s]) for s in seeds]
+        cells = []
+        for i, column in enumerate(zip(*per_seed, strict=True)):
+            cell = f"{statistics.fmean(column):.1f}"
+            if arm is not base:
+                d = [
+                    v - _figures(results[base.name, s])[i]
+                    for v, s in zip(column, seeds, strict=True)
+                ]
+                cell += f" ({statistics.fmean(d):+.1f}, {min(d):+.1f}..{max(d):+.1f})"
+            cells.append(cell)
+        lines.append(f"| {arm.name} | {' | '.join(cells)} |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="folder for every run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--arm",
+        nargs="+",
+        action="append",
+        required=True,
+        metavar=("NAME", "OVERRIDE"),
+        help="an arm's name, then its Hydra overrides (none: the defaults); repeatable",
+    )
+    parser.add_argument(
+        "--common",
+        action="append",
+        default=None,
+        help=f"an override for every arm, repeatable (default: {' '.join(DEFAULT_COMMON)})",
+    )
+    args = parser.parse_args()
+    arms = [Arm(a[0], tuple(a[1:])) for a in args.arm]
+    if len({a.name for a in arms}) != len(arms):
+        parser.error("arm names must differ")
+    common = tuple(args.common) if args.common is not None else DEFAULT_COMMON
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    print(f"code {commit}; common overrides: {' '.join(common)}")
+    results = {}
+    # Seed-major order: an interrupted comparison has every arm at the first seeds.
+    for seed in args.seeds:
+        for arm in arms:
+            print(f"{arm.name}, seed {seed}:", " ".join(arm.overrides) or "(defaults)", flush=True)
+            results[arm.name, seed] = run_arm_seed(arm, seed, common, args.out)
+    print("\n".join(summary_rows(arms, args.seeds, results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

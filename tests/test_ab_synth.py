@@ -1,0 +1,55 @@
+"""scripts/ab_synth.py: its bookkeeping (the runs themselves train models: see the script)."""
+
+import json
+
+import pytest
+
+from scripts_loader import load_script
+
+
+def _result(test: float, plain: float, distorted: float) -> dict:
+    return {
+        "test_accuracy": test,
+        "fonts": {"plain": plain, "distorted": distorted},
+        "groups": {  # handwriting fonts read better than brush fonts
+            "handwriting": {"plain": 1.0, "distorted": distorted + 0.1},
+            "brush": {"plain": plain - 0.1, "distorted": distorted - 0.1},
+        },
+        "errors": {"distorted": {"voicing mark": 3, "small/full size": 2, "other": 5}},
+        "train_seconds": 300.0,
+    }
+
+
+def test_summary_gives_means_and_paired_differences_to_the_first_arm(monkeypatch):
+    ab = load_script("ab_synth", monkeypatch)
+    base, new = ab.Arm("base", ()), ab.Arm("new", ("synthetic.font_ratio=0.3",))
+    results = {
+        ("base", 1): _result(0.96, 0.84, 0.78),
+        ("base", 2): _result(0.98, 0.86, 0.80),
+        ("new", 1): _result(0.97, 0.87, 0.79),
+        ("new", 2): _result(0.95, 0.87, 0.84),
+    }
+    lines = ab.summary_rows([base, new], [1, 2], results)
+    assert "| base | 1 | 96.0 | 84.0 | 78.0 | 88.0 | 68.0 | 3 / 2 / 5 | 300 |" in lines
+    means = {line.split(" | ")[0]: line for line in lines if line.count("|") == 7}
+    assert means["| base"] == "| base | 97.0 | 85.0 | 79.0 | 89.0 | 69.0 |"
+    # test: +1, -3; plain: +3, +1; distorted (and both groups): +1, +4
+    assert means["| new"] == (
+        "| new | 96.0 (-1.0, -3.0..+1.0) | 87.0 (+2.0, +1.0..+3.0) | 81.5 (+2.5, +1.0..+4.0) "
+        "| 91.5 (+2.5, +1.0..+4.0) | 71.5 (+2.5, +1.0..+4.0) |"
+    )
+
+
+def test_a_finished_run_is_reused_and_other_overrides_are_refused(tmp_path, monkeypatch):
+    ab = load_script("ab_synth", monkeypatch)
+    arm = ab.Arm("a", ("synthetic.font_ratio=0.3",))
+    root = tmp_path / "a-s1"
+    root.mkdir()
+    spec = {"arm": "a", "seed": 1, "overrides": ["trainer.epochs=1", "synthetic.font_ratio=0.3"]}
+    (root / "arm.json").write_text(json.dumps(spec))
+    (root / "result.json").write_text(json.dumps(_result(0.9, 0.8, 0.7)))
+    # nothing is trained: the finished result comes back as it was written
+    assert ab.run_arm_seed(arm, 1, ("trainer.epochs=1",), tmp_path)["fonts"]["plain"] == 0.8
+    with pytest.raises(SystemExit, match="other overrides"):
+        ab.run_arm_seed(arm, 1, ("trainer.epochs=2",), tmp_path)
+    assert json.loads((root / "arm.json").read_text()) == spec  # left as it was
