@@ -8,7 +8,8 @@ means and the per-seed paired differences against the first arm.
 
     python scripts/ab_synth.py --out /tmp/ab --seeds 1 2 3 \\
         --arm base \\
-        --arm serif 'synthetic.fonts=[japanize-matplotlib,noto-cjk-sans-jp-regular]' \\
+        --arm debian synthetic=debian_fonts \\
+        --arm debian_r50 synthetic=debian_fonts synthetic.font_ratio=0.5 \\
         [--common dataset.classes=hiragana75 --common trainer.epochs=12 ...]
 
 Finished runs are kept (``result.json``) and reused when the script is run again with the
@@ -123,17 +124,18 @@ def summary_rows(arms: list[Arm], seeds: list[int], results: dict) -> list[str]:
             cells = " | ".join(f"{v:.1f}" for v in _figures(r))
             lines.append(f"| {arm.name} | {seed} | {cells} | {kinds} | {r['train_seconds']:.0f} |")
     lines += ["", f"| arm | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
-    base = arms[0]
+    # columns[arm][figure] = that figure over the seeds
+    columns = {
+        arm.name: list(zip(*(_figures(results[arm.name, s]) for s in seeds), strict=True))
+        for arm in arms
+    }
+    base = columns[arms[0].name]
     for arm in arms:
-        per_seed = [_figures(results[arm.name, s]) for s in seeds]
         cells = []
-        for i, column in enumerate(zip(*per_seed, strict=True)):
+        for column, base_column in zip(columns[arm.name], base, strict=True):
             cell = f"{statistics.fmean(column):.1f}"
-            if arm is not base:
-                d = [
-                    v - _figures(results[base.name, s])[i]
-                    for v, s in zip(column, seeds, strict=True)
-                ]
+            if arm is not arms[0]:
+                d = [v - b for v, b in zip(column, base_column, strict=True)]
                 cell += f" ({statistics.fmean(d):+.1f}, {min(d):+.1f}..{max(d):+.1f})"
             cells.append(cell)
         lines.append(f"| {arm.name} | {' | '.join(cells)} |")

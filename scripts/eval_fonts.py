@@ -154,6 +154,7 @@ def main() -> int:
         if not chars:
             print(f"{path.name:36s} draws none of the classes (empty glyphs)")
             continue
+        group = next(g for g, dirs in FONT_GROUPS.items() if path.parent.name in dirs)
         results = {}
         for kind, variants in (("plain", 1), ("distorted", args.variants)):
             raw = np.stack(
@@ -169,7 +170,6 @@ def main() -> int:
             predicted = probs.argmax(axis=1)
             right = predicted == labels
             results[kind] = float(right.mean())
-            group = next(g for g, dirs in FONT_GROUPS.items() if path.parent.name in dirs)
             for scope in ("all", group):
                 totals[scope, kind, "right"] += int(right.sum())
                 totals[scope, kind, "all"] += len(right)
@@ -193,7 +193,7 @@ def main() -> int:
         name = "all held-out fonts" if scope == "all" else f"{scope} fonts"
         print(f"{name:36s} {'':5s} {score['plain']:7.1%} {score['distorted']:9.1%}")
     error_kinds = {}
-    for kind in ("plain", "distorted"):
+    for kind in KINDS:
         wrong = totals["all", kind, "all"] - totals["all", kind, "right"]
         error_kinds[kind] = {name: kinds[kind, name] for name in ERROR_KINDS}
         shares = ", ".join(

@@ -75,6 +75,7 @@ def test_debug_run_is_tiny(tmp_path):
 
 
 def test_debian_fonts_recipe_changes_only_the_font_writers(tmp_path):
+    from hwexp.data.sources import renderer_settings
     from hwexp.synth.fonts import is_held_out
     from hwexp.synth.options import SynthOptions
 
@@ -87,5 +88,4 @@ def test_debian_fonts_recipe_changes_only_the_font_writers(tmp_path):
     assert changed == {"fonts", "font_ratio"}
     assert len(debian["fonts"]) == len(set(debian["fonts"])) == 18
     assert not any(is_held_out(f) for f in debian["fonts"])  # never train on evaluation fonts
-    settings = {k: v for k, v in debian.items() if k not in ("writers", "first_writer")}
-    assert SynthOptions.from_config(settings).font_ratio == 0.3
+    assert SynthOptions.from_config(renderer_settings(debian)).font_ratio == 0.3

@@ -14,6 +14,7 @@ from PIL import Image
 
 from hwexp.data.charsets import CLASS_SETS
 from hwexp.data.errors import DataError
+from hwexp.data.sources import renderer_settings
 from hwexp.synth import (
     MissingCharacters,
     SynthOptions,
@@ -27,6 +28,7 @@ from hwexp.synth.fonts import FontUnavailable, is_held_out, parse_fc_list, resol
 from hwexp.synth.kanjivg import load_glyph, parse_path
 from hwexp.synth.render import voicing_mark_strokes
 from hwexp.synth.style import WriterStyle
+from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CLEAN = {"fragment_prob": 0.0, "speck_prob": 0.0}  # no neighbours' fragments, no specks
@@ -293,9 +295,6 @@ def test_held_out_fonts_are_refused(tmp_path):
         resolve_fonts(("no-such-font-package-xyz",))
 
 
-# --- geometry and options ---------------------------------------------------------------------
-
-
 def test_one_font_file_of_a_distribution_is_chosen_by_name(tmp_path, monkeypatch):
     (face,) = resolve_fonts(("japanize-matplotlib:ipaexg.ttf",))
     assert face.name == "ipaexg" and face.path == resolve_fonts(("japanize-matplotlib",))[0].path
@@ -307,6 +306,9 @@ def test_one_font_file_of_a_distribution_is_chosen_by_name(tmp_path, monkeypatch
     shutil.copy(face.path, tmp_path / "a:b.ttf")
     monkeypatch.chdir(tmp_path)
     assert resolve_fonts(("a:b.ttf",))[0].path == str((tmp_path / "a:b.ttf").resolve())
+
+
+# --- geometry and options ---------------------------------------------------------------------
 
 
 def test_parse_path_absolute_relative_and_smooth_curves():
@@ -328,20 +330,14 @@ def test_from_config_rejects_unknown_keys_and_parses_yaml():
     with pytest.raises(ValueError, match="slant_deg"):
         SynthOptions.from_config({"slant_deg": [5, -5]})
     cfg = yaml.safe_load((ROOT / "conf" / "synthetic" / "default.yaml").read_text())
-    for key in ("writers", "first_writer"):  # consumed by the data layer
-        cfg.pop(key, None)
-    assert SynthOptions.from_config(cfg) == SynthOptions()
+    assert SynthOptions.from_config(renderer_settings(cfg)) == SynthOptions()
     small = SynthOptions.from_config({"canvas_size": 64, "pen_weights": {"finger": 1}})
     chunk = render_writer(["あ"], 0, small)
     assert chunk.images.shape == (1, 64, 64)
 
 
-def test_show_synth_script_writes_a_grid(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("show_synth", ROOT / "scripts" / "show_synth.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_show_synth_script_writes_a_grid(tmp_path, monkeypatch):
+    module = load_script("show_synth", monkeypatch)
     out = tmp_path / "grid.png"
     assert module.main([str(out), "--chars", "あい", "--writers", "0-2"]) == 0
     assert Image.open(out).size == (2 * 128, 3 * 128)

@@ -109,6 +109,16 @@ def _plan_folder(classes: Sequence[str], keep: frozenset[str], options: Mapping,
     )
 
 
+# Keys of the `synthetic` config that the data layer reads; the rest are renderer options.
+SYNTHETIC_DATA_KEYS = ("writers", "first_writer", "chunk_writers")
+
+
+def renderer_settings(options: Mapping) -> dict:
+    """The `synthetic` config without the data layer's keys: what ``SynthOptions.from_config``
+    takes."""
+    return {k: v for k, v in options.items() if k not in SYNTHETIC_DATA_KEYS}
+
+
 def _plan_synthetic(classes: Sequence[str], options: Mapping, base: dict) -> SourcePlan:
     try:
         from hwexp.synth.kanjivg import missing_characters
@@ -118,10 +128,9 @@ def _plan_synthetic(classes: Sequence[str], options: Mapping, base: dict) -> Sou
             f"source 'synthetic' is not available in this installation ({error}); "
             "choose a source with files (see the README's dataset table)"
         ) from error
-    settings = dict(options)
-    writers = int(settings.pop("writers", 0))
-    first_writer = int(settings.pop("first_writer", 0))
-    settings.pop("chunk_writers", None)
+    writers = int(options.get("writers", 0))
+    first_writer = int(options.get("first_writer", 0))
+    settings = renderer_settings(options)
     if writers < 3:
         raise ConfigError(f"synthetic.writers={writers}: render at least 3 writers")
     synth_options = SynthOptions.from_config(settings)
