@@ -89,3 +89,18 @@ def test_debian_fonts_recipe_changes_only_the_font_writers(tmp_path):
     assert len(debian["fonts"]) == len(set(debian["fonts"])) == 18
     assert not any(is_held_out(f) for f in debian["fonts"])  # never train on evaluation fonts
     assert SynthOptions.from_config(renderer_settings(debian)).font_ratio == 0.3
+
+
+def test_preprocess_yaml_defaults_match_the_dataclass():
+    cfg = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "preprocess" / "default.yaml"))
+    assert PreprocessOptions.from_config(cfg) == PreprocessOptions()
+
+
+def test_a_run_prepared_before_the_size_reference_keeps_its_preprocessing():
+    old = PreprocessOptions().as_dict()
+    for key in ("fit", "moment_span", "size_reference", "reference_fill", "reference_min_images"):
+        old.pop(key)
+    old.pop("stroke_width")
+    old["min_crop"] = 0.55
+    legacy = PreprocessOptions.from_config(old)
+    assert (legacy.size_reference, legacy.reference_fill, legacy.min_crop) == ("cell", 1.0, 0.55)

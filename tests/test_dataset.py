@@ -262,3 +262,62 @@ def test_cache_dir_holds_no_temporary_leftovers(etl8g_root):
     )
     names = os.listdir(etl8g_root / "data" / "cache")
     assert not [n for n in names if n.startswith(".")]
+
+
+def _cell(side: int, fill: float, seed: int) -> np.ndarray:
+    """A dark-on-white ``side`` x ``side`` cell holding a character-like shape (a box with a
+    cross) whose larger side is ``fill`` of the cell, placed with a little jitter."""
+    rng = np.random.default_rng(seed)
+    pixels = np.full((side, side), 250, np.uint8)
+    ink = max(2, round(side * 0.05))
+    extent = round(side * fill)
+    top, left = (side - extent) // 2 + rng.integers(-2, 3, 2)
+    bottom, right = top + extent, left + round(extent * rng.uniform(0.7, 1.0))
+    pixels[top:bottom, left : left + ink] = 20
+    pixels[top:bottom, right - ink : right] = 20
+    pixels[top : top + ink, left:right] = 20
+    pixels[(top + bottom) // 2 : (top + bottom) // 2 + ink, left:right] = 20
+    pixels[bottom - ink : bottom, left:right] = 20
+    return pixels
+
+
+def _ink_sides(cfg) -> dict[str, float]:
+    """Median ink-box side of each class's prepared images, in output pixels."""
+    splits = load_splits(cfg, progress=False)
+    sides: dict[str, list[int]] = {}
+    for part in (splits.train, splits.val, splits.test):
+        for image, label in zip(np.asarray(part.images), part.labels, strict=True):
+            rows, cols = np.nonzero(image >= 128)
+            side = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
+            sides.setdefault(splits.classes[label], []).append(side)
+    return {char: float(np.median(values)) for char, values in sides.items()}
+
+
+def test_a_character_keeps_its_size_whatever_cell_canvas_or_padding_it_arrived_in(tmp_path):
+    # Full-size characters fill 0.8 of a 64 px cell, small ones 0.45; the same cells arrive
+    # as they are, shrunk to 28 px (KMNIST-like), padded with paper to 144 px, and pasted
+    # off-centre into a 150 x 110 scan. Each must come out at the same size, and small ones
+    # must stay small (the folder reader once letterboxed small images into a 128 px canvas).
+    fills = {"大": 0.8, "木": 0.8, "小": 0.45}
+    containers = {
+        "cell64": lambda cell: cell,
+        "cell28": lambda cell: np.asarray(Image.fromarray(cell).resize((28, 28), Image.BOX)),
+        "padded": lambda cell: np.pad(cell, 40, constant_values=250),
+        "scan": lambda cell: np.pad(cell, ((10, 36), (70, 16)), constant_values=250),
+    }
+    measured = {}
+    for name, contain in containers.items():
+        root = tmp_path / name
+        for c, (char, fill) in enumerate(fills.items()):
+            for writer in range(6):
+                path = root / char / f"{writer}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(contain(_cell(64, fill, seed=10 * c + writer))).save(path)
+        cfg = data_config(tmp_path, "dataset=folder", f"dataset.path={root}")
+        measured[name] = _ink_sides(cfg)
+    reference = measured["cell64"]
+    for name, sides in measured.items():
+        for char in fills:
+            assert abs(sides[char] - reference[char]) <= 2, (name, char, sides, reference)
+        assert sides["小"] < 0.85 * sides["大"], (name, sides)
+        assert sides["大"] >= 34, (name, sides)  # full-size characters fill the frame

@@ -224,13 +224,27 @@ def _messy_characters(n: int, side: int = 128, seed: int = 0) -> np.ndarray:
     return np.stack(images)
 
 
-def test_each_image_is_normalised_alone_whatever_the_batch():
+def test_with_a_cell_reference_each_image_is_normalised_alone_whatever_the_batch():
     images = _messy_characters(70, seed=1)
-    together = normalise_characters(images)
-    alone = np.stack([normalise_characters(image)[0] for image in images])
+    cell = PreprocessOptions(size_reference="cell")
+    together = normalise_characters(images, options=cell)
+    alone = np.stack([normalise_characters(image, options=cell)[0] for image in images])
     np.testing.assert_array_equal(together, alone)
-    np.testing.assert_array_equal(together, normalise_characters(images, batch=7))
-    np.testing.assert_array_equal(together[::-1], normalise_characters(images[::-1]))
+    np.testing.assert_array_equal(together, normalise_characters(images, options=cell, batch=7))
+    reverse = normalise_characters(images[::-1], options=cell)
+    np.testing.assert_array_equal(together[::-1], reverse)
+
+
+@pytest.mark.parametrize("fit", ["box", "moments"])
+def test_with_a_writer_reference_the_batching_and_order_change_nothing(fit):
+    images = _messy_characters(70, seed=1)
+    writers = np.repeat(["a", "b", "c", "d", "e"], 14)
+    options = PreprocessOptions(fit=fit, reference_min_images=10)
+    together = normalise_characters(images, options=options, writers=writers)
+    batched = normalise_characters(images, options=options, writers=writers, batch=7)
+    np.testing.assert_array_equal(together, batched)
+    reverse = normalise_characters(images[::-1], options=options, writers=writers[::-1])
+    np.testing.assert_array_equal(together[::-1], reverse)
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,10 @@
 //   * ink WHITE (255) on a BLACK (0) background — the opposite of a typical drawing canvas,
 //     so render the strokes white on black; do not pass a screenshot of black-on-white ink;
 //   * the character cropped to the bounding box of its strokes, padded to a square (aspect
-//     kept) and centred with an 8% margin, a small character not blown up beyond 1/0.55 of the
-//     canvas (hwexp.data.preprocess: margin 0.08, min_crop 0.55);
+//     kept) and centred with an 8% margin; the crop is at least min_crop x reference_fill of the
+//     canvas' shorter side, so a small character (っ) is not blown up to a full-size one (つ)
+//     (hwexp.data.preprocess for a lone drawing: margin 0.08, min_crop 0.8, reference_fill 0.75;
+//     the model's metadata key hwexp.preprocess holds the values it was trained with);
 //   * pixel values 0...255: the model scales them by 1/255 itself (do not normalise).
 // The output is a classifier: VNClassificationObservation.identifier is the character.
 
@@ -28,7 +30,8 @@ final class CharacterRecognizer {
     private let model: VNCoreMLModel
     let side: Int
     let margin: CGFloat = 0.08   // hwexp preprocess.margin
-    let minCrop: CGFloat = 0.55  // hwexp preprocess.min_crop
+    let minCrop: CGFloat = 0.8         // hwexp preprocess.min_crop
+    let referenceFill: CGFloat = 0.75  // hwexp preprocess.reference_fill
 
     /// `url`: the compiled model, e.g. `Bundle.main.url(forResource: "katakana", withExtension: "mlmodelc")!`.
     init(compiledModelURL url: URL) throws {
@@ -51,13 +54,13 @@ final class CharacterRecognizer {
                   space: CGColorSpaceCreateDeviceGray(), bitmapInfo: CGImageAlphaInfo.none.rawValue)
         else { return nil }
         // Bounding box of the ink (pen width included), grown to a square of at least
-        // minCrop x the canvas' shorter side, centred on the ink.
+        // minCrop x referenceFill x the canvas' shorter side, centred on the ink.
         let xs = points.map(\.x), ys = points.map(\.y)
         let half = penWidth / 2
         let box = CGRect(x: xs.min()! - half, y: ys.min()! - half,
                          width: xs.max()! - xs.min()! + penWidth,
                          height: ys.max()! - ys.min()! + penWidth)
-        let crop = max(box.width, box.height, minCrop * min(canvasSize.width, canvasSize.height))
+        let crop = max(box.width, box.height, minCrop * referenceFill * min(canvasSize.width, canvasSize.height))
         let scale = CGFloat(side) * (1 - 2 * margin) / crop
         // Black background, white round strokes; flip y (Core Graphics' origin is bottom-left).
         context.setFillColor(gray: 0, alpha: 1)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import hydra
 import numpy as np
@@ -20,6 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from hwexp import CONF_DIR
 from hwexp.data.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from hwexp.train import EvaluationReport
 
 EVALUATED_RUN_TAG = "hwexp.evaluated_run"
 PARTS = ("auto", "test", "val", "train", "all")
@@ -34,6 +38,7 @@ class Evaluation:
     source_run_id: str
     part: str
     unknown_characters: dict[str, int]  # characters the model has no class for -> samples
+    report: EvaluationReport = field(repr=False)  # the predictions behind the metrics
 
 
 def data_config_for(cfg: DictConfig, trained_config: Mapping) -> DictConfig:
@@ -103,12 +108,12 @@ def evaluate_run(cfg: DictConfig) -> Evaluation:
         tags={EVALUATED_RUN_TAG: run_id, "dataset": str(data_cfg.dataset.name), "part": part},
     )
     if tracker is None:
-        return Evaluation(metrics, None, run_id, part, unknown)
+        return Evaluation(metrics, None, run_id, part, unknown, report)
     with tracker:
         tracker.log_config(data_cfg)
         tracker.log_metrics(metrics)
         tracker.log_evaluation(report)
-    return Evaluation(metrics, tracker.run_id, run_id, part, unknown)
+    return Evaluation(metrics, tracker.run_id, run_id, part, unknown, report)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")

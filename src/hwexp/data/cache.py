@@ -187,7 +187,7 @@ def _build(
 
 def _prepare_chunk(task: ChunkTask, options: PreprocessOptions):
     raw = task.load()
-    images = normalise_characters(raw.images, raw.ink, options)
+    images = normalise_characters(raw.images, raw.ink, options, writers=raw.writers)
     return images, raw.labels, raw.writers, raw.meta
 
 

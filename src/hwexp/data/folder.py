@@ -20,7 +20,8 @@ from hwexp.data.errors import DatasetFilesMissing, UnreadableImage
 from hwexp.data.raw import ChunkTask, RawChunk
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
-# Images of one chunk are letterboxed into one array of this side before normalisation.
+# Images of one chunk are scaled (up or down) so that their longer side is this many pixels and
+# padded to a square of that side, so they share one array before normalisation.
 FOLDER_CANVAS = 128
 
 
@@ -54,9 +55,10 @@ def read_folder_images(
 ) -> RawChunk:
     """Decode the given ``(path, character)`` images into one chunk (ink polarity "auto").
 
-    Each image is converted to grey, shrunk (keeping its aspect) to fit ``canvas`` pixels
-    if larger, and placed on a canvas filled with its own border colour, so that images of
-    any size share one array without changing their background.
+    Each image is converted to grey, scaled (keeping its aspect) so that its longer side is
+    ``canvas`` pixels, enlarged if smaller, and padded along its shorter side with its own
+    border colour: images of any size share one array, and a character keeps its share of its
+    own image, so a 64 x 64 cell and a 28 x 28 one are prepared alike.
 
     Raises:
         UnreadableImage: naming the file that cannot be decoded.
@@ -67,7 +69,7 @@ def read_folder_images(
     labels = np.array([char for _, char in items])
     names = [Path(path).stem for path, _ in items]
     writers = [
-        f"folder:{name.split('_', 1)[0] if writer_from_name else f'{char}/{name}'}"
+        f"folder:{_writer_of(name) if writer_from_name else f'{char}/{name}'}"
         for name, (_, char) in zip(names, items, strict=True)
     ]
     meta = {"file": np.array([str(path) for path, _ in items])}
@@ -94,10 +96,12 @@ def _letterbox(image: Image.Image, canvas: int) -> np.ndarray:
     pixels = np.asarray(image)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     fill = int(np.median(border))
-    scale = min(1.0, canvas / max(image.size))
-    if scale < 1.0:
+    scale = canvas / max(image.size)
+    if scale != 1.0:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BOX)
+        # Area averaging when shrinking; bicubic when enlarging small cells (smooth edges).
+        filter_ = Image.Resampling.BOX if scale < 1.0 else Image.Resampling.BICUBIC
+        image = image.resize(size, filter_)
     out = np.full((canvas, canvas), fill, np.uint8)
     top, left = (canvas - image.height) // 2, (canvas - image.width) // 2
     out[top : top + image.height, left : left + image.width] = np.asarray(image)
@@ -107,13 +111,28 @@ def _letterbox(image: Image.Image, canvas: int) -> np.ndarray:
 def folder_tasks(
     root: Path, keep: frozenset[str] | None, writer_from_name: bool, chunk_images: int = 1024
 ) -> list[ChunkTask]:
-    """Chunked read tasks over every image of ``keep``'s classes (all classes if None)."""
+    """Chunked read tasks over every image of ``keep``'s classes (all classes if None).
+
+    Preparation takes the size reference of a character from the other images of its writer in
+    the same chunk (``hwexp.data.preprocess``). So with ``writer_from_name`` a writer's images
+    are kept together; otherwise each chunk takes every n-th image, a sample of every class,
+    rather than a run of a few class folders.
+    """
     items = [
         (str(path), char) for path, char in list_folder_images(root) if keep is None or char in keep
     ]
+    chunks = max(1, -(-len(items) // chunk_images))
+    if writer_from_name:
+        items.sort(key=lambda item: (_writer_of(Path(item[0]).stem), item[0]))
+        parts = [items[i * chunk_images : (i + 1) * chunk_images] for i in range(chunks)]
+    else:
+        parts = [items[i::chunks] for i in range(chunks)]
     tasks = []
-    for start in range(0, len(items), chunk_images):
-        part = items[start : start + chunk_images]
+    for number, part in enumerate(parts):
         load = functools.partial(read_folder_images, part, writer_from_name)
-        tasks.append(ChunkTask(load, len(part), f"{root} images {start}..{start + len(part) - 1}"))
+        tasks.append(ChunkTask(load, len(part), f"{root} images, chunk {number + 1} of {chunks}"))
     return tasks
+
+
+def _writer_of(stem: str) -> str:
+    return stem.split("_", 1)[0]

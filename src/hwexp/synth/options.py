@@ -26,7 +26,7 @@ class SynthOptions:
     """Options of :func:`hwexp.synth.render_writer`; build from config with :meth:`from_config`."""
 
     # Bumped whenever the same options render different pixels (cache keys include it).
-    FORMAT: ClassVar[int] = 2
+    FORMAT: ClassVar[int] = 3
 
     canvas_size: int = 128
     supersample: int = 2  # strokes are drawn at this multiple of the canvas, then reduced
@@ -46,7 +46,7 @@ class SynthOptions:
     pressure: Range = (0.0, 0.35)  # relative width variation along a stroke
     # --- geometry habits --------------------------------------------------------------------
     size: Range = (0.8, 1.15)  # KanjiVG frame side / canvas side: ink fills ~0.55-0.9 of it
-    small_kana_scale: float = 0.75  # extra scale of small kana (っ ゃ ...) against full size
+    small_kana_scale: Range = (0.6, 0.9)  # a writer's extra scale of small kana (っ ゃ ...)
     placement_frac: float = 0.05  # sd of a writer's habitual offset of the character centre
     slant_deg: Range = (-14.0, 10.0)  # shear; positive leans the top to the right
     rotation_deg: Range = (-5.0, 5.0)

@@ -153,7 +153,7 @@ def _char_affine(char: str, style: WriterStyle, o: SynthOptions, mix: _Mix) -> _
     scale = style.size * math.exp(o.char_size_sd * z[3]) * side / FRAME
     if char in SMALL_KANA:
         # KanjiVG and fonts draw small kana at ~0.8 of full size; hands write them smaller.
-        scale *= o.small_kana_scale
+        scale *= style.small_kana
     ax, ay = math.sqrt(aspect), 1.0 / math.sqrt(aspect)
     cos, sin = math.cos(rot), math.sin(rot)
     m = np.array([[cos, -sin], [sin, cos]]) @ np.array([[1.0, -slant], [0.0, 1.0]])

@@ -70,6 +70,7 @@ class WriterStyle:
     width_px: float  # nominal stroke width
     pressure: float  # relative width variation along a stroke
     size: float  # KanjiVG frame side / canvas side
+    small_kana: float  # extra scale of small kana against KanjiVG's and the fonts' design
     offset_frac: tuple[float, float]  # habitual (dx, dy) of the character centre
     slant: float  # shear factor x += slant * (centre_y - y)
     rotation: float  # radians
@@ -179,4 +180,6 @@ class WriterStyle:
             mark_rotation=math.radians(_uniform(rng, o.mark_rotation_deg)),
             mark_spread=_log_uniform(rng, o.mark_spread),
             mark_tick_sd=math.radians(o.mark_tick_sd_deg),
+            # Drawn last: a new habit must not change the draws of the habits above.
+            small_kana=_uniform(rng, o.small_kana_scale),
         )
