@@ -327,12 +327,23 @@ def build(
 # ------------------------------------------------------------------------------------ eval
 
 
-def confusion_figures(classes: tuple[str, ...], labels: np.ndarray, predicted: np.ndarray) -> dict:
-    """Top-1 overall and on the basic hiragana, small/full-size confusions both ways, the class
-    that collects most errors, and the commonest confusions."""
+def confusion_figures(
+    classes: tuple[str, ...],
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    hands: np.ndarray | None = None,
+) -> dict:
+    """Top-1 overall, on the basic hiragana and per kind of hand (``hands``: ``font`` or
+    ``kanjivg`` per sample), small/full-size confusions both ways, the class that collects most
+    errors, and the commonest confusions."""
     true = np.asarray(classes)[labels]
     guess = np.asarray(classes)[predicted]
     wrong = true != guess
+    by_hand = (
+        {}
+        if hands is None
+        else {str(hand): float(1 - wrong[hands == hand].mean()) for hand in np.unique(hands)}
+    )
     full_to_small = sum(
         1 for t, g in zip(true[wrong], guess[wrong], strict=True) if full_size_of(g) == t
     )
@@ -347,6 +358,7 @@ def confusion_figures(classes: tuple[str, ...], labels: np.ndarray, predicted: n
         "samples": int(len(true)),
         "accuracy": float(1 - wrong.mean()),
         "basic46_accuracy": float(1 - wrong[basic].mean()) if basic.any() else None,
+        "by_hand": by_hand,
         "full_to_small": int(full_to_small),
         "small_to_full": int(small_to_full),
         "errors": int(wrong.sum()),
@@ -369,7 +381,9 @@ def evaluate_set(run: str, folder: Path, root: Path | None, overrides: list[str]
         )
     result = evaluate_run(cfg)
     report = result.report
-    figures = confusion_figures(report.classes, report.labels, report.predicted)
+    # Writers are "folder:<char>/p<writer>_<hand>": the hand is a held-out font or "kanjivg".
+    hands = np.array(["kanjivg" if w.endswith("_kanjivg") else "font" for w in report.writers])
+    figures = confusion_figures(report.classes, report.labels, report.predicted, hands)
     figures["top5_accuracy"] = result.metrics["eval/top5_accuracy"]
     return figures
 
@@ -414,8 +428,8 @@ def main() -> int:
 
     results = {}
     print(
-        f"{'set':8s} {'samples':>7s} {'top-1':>7s} {'basic46':>7s} {'top-5':>7s} "
-        f"{'full→small':>10s} {'small→full':>10s}  catch-all / top confusions"
+        f"{'set':8s} {'samples':>7s} {'top-1':>7s} {'basic46':>7s} {'fonts':>7s} {'kanjivg':>7s} "
+        f"{'top-5':>7s} {'full→small':>10s} {'small→full':>10s}  catch-all | top confusions"
     )
     for name in args.sets:
         figures = evaluate_set(args.run, Path(args.proxy).resolve() / name, None, args.overrides)
@@ -424,7 +438,10 @@ def main() -> int:
         sink = figures["catch_all"]
         print(
             f"{name:8s} {figures['samples']:7d} {figures['accuracy']:7.1%} "
-            f"{'' if basic is None else f'{basic:.1%}':>7s} {figures['top5_accuracy']:7.1%} "
+            f"{'' if basic is None else f'{basic:.1%}':>7s} "
+            f"{figures['by_hand'].get('font', float('nan')):7.1%} "
+            f"{figures['by_hand'].get('kanjivg', float('nan')):7.1%} "
+            f"{figures['top5_accuracy']:7.1%} "
             f"{figures['full_to_small']:10d} {figures['small_to_full']:10d}  "
             f"{sink['class']}:{sink['errors_collected']} | "
             + ", ".join(figures["top_confusions"][:5])

@@ -47,10 +47,12 @@ def test_confusion_figures_count_small_and_full_size_both_ways(monkeypatch):
     true = ["つ", "つ", "っ", "や", "あ", "あ", "あ", "ゃ"]
     said = ["っ", "つ", "つ", "ゃ", "ゃ", "あ", "ゃ", "ゃ"]
     index = {c: i for i, c in enumerate(classes)}
+    hands = np.array(["font"] * 4 + ["kanjivg"] * 4)
     figures = proxy.confusion_figures(
-        classes, np.array([index[c] for c in true]), np.array([index[c] for c in said])
+        classes, np.array([index[c] for c in true]), np.array([index[c] for c in said]), hands
     )
     assert figures["errors"] == 5 and figures["accuracy"] == 3 / 8
     assert (figures["full_to_small"], figures["small_to_full"]) == (2, 1)
     assert figures["catch_all"] == {"class": "ゃ", "errors_collected": 3}
+    assert figures["by_hand"] == {"font": 0.5, "kanjivg": 0.25}
     assert figures["basic46_accuracy"] == pytest.approx(2 / 6)  # っ, ゃ are not basic
