@@ -20,6 +20,9 @@ log = logging.getLogger("hwexp")
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Prepare ``cfg.dataset``, train ``cfg.model`` on it and return the test/val metrics.
 
+    With ``trainer.init_from`` set, its run is loaded before an MLflow run is started, so a bad
+    reference (a ``ConfigError``) leaves no run behind.
+
     Data is prepared before TensorFlow is imported, so data workers can be forked cheaply.
     With a ``sweep_trial`` block (set by ``hydra/sweeper=hwexp_optuna``) this is one trial of an
     Optuna study: see ``hwexp.sweep.run_trial``.
@@ -32,13 +35,14 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
 
         return run_trial(splits, cfg)
     from hwexp.track import Tracker, default_tracking_uri
-    from hwexp.train import train_and_evaluate
+    from hwexp.train import load_init_source, train_and_evaluate
 
+    init = load_init_source(cfg)  # a bad trainer.init_from fails here, before a run is started
     tracker = Tracker.from_config(cfg.tracking)
     if tracker is None:
-        return train_and_evaluate(splits, cfg)
+        return train_and_evaluate(splits, cfg, init=init)
     with tracker:
-        metrics = train_and_evaluate(splits, cfg, tracker)
+        metrics = train_and_evaluate(splits, cfg, tracker, init=init)
     uri = cfg.tracking.uri or default_tracking_uri(cfg.tracking.mlruns_dir)
     print(_summary(splits.name, metrics, tracker.run_id, uri))
     return metrics

@@ -17,10 +17,11 @@ such as coremltools can read them. This module knows nothing of data files or tr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 INPUT_LAYER_NAME = "image"
@@ -288,3 +289,79 @@ def strip_augmentation(model: keras.Model) -> keras.Model:
     return keras.models.clone_model(
         model, clone_function=lambda layer: layer, call_function=skip_training_only
     )
+
+
+# --------------------------------------------------------------------------- another's weights
+
+
+class IncompatibleWeights(ValueError):
+    """A source model's weights do not fit a model (another architecture or input size)."""
+
+
+def classifier_layer(model: keras.Model) -> layers.Dense:
+    """The model's last ``Dense`` layer, whose output units are the classes (``logits``)."""
+    dense = [layer for layer in model.layers if isinstance(layer, layers.Dense)]
+    if not dense:
+        raise IncompatibleWeights(f"model {model.name!r} has no Dense layer")
+    return dense[-1]
+
+
+def shared_outputs(classes: Sequence[str], source_classes: Sequence[str]) -> dict[int, int]:
+    """Output index in ``classes`` -> output index of the same character in ``source_classes``,
+    for every character that both have."""
+    source_index = {char: i for i, char in enumerate(source_classes)}
+    return {i: source_index[char] for i, char in enumerate(classes) if char in source_index}
+
+
+def copy_weights(
+    model: keras.Model,
+    source: keras.Model,
+    classes: Sequence[str],
+    source_classes: Sequence[str],
+) -> dict[int, int]:
+    """Overwrite ``model``'s weights with ``source``'s, in place; returns ``shared_outputs``.
+
+    Layers are matched by name; layers without weights (augmentation, dropout: a stripped
+    inference model lacks them) are skipped. The classifier (``classifier_layer``) is copied
+    by character: output ``i`` of ``model`` (class ``classes[i]``) gets the kernel column and
+    bias of the source output with the same character; classes the source lacks keep
+    ``model``'s own (fresh) initialisation.
+
+    Raises:
+        IncompatibleWeights: a layer with weights exists in one model only, or its weights
+            differ in shape (other widths, or another input size before a flatten head); the
+            message names the layer.
+    """
+    head, source_head = classifier_layer(model), classifier_layer(source)
+    body = {layer.name: layer for layer in model.layers if layer.weights and layer is not head}
+    source_body = {
+        layer.name: layer for layer in source.layers if layer.weights and layer is not source_head
+    }
+    only_one = sorted(body.keys() ^ source_body.keys())
+    if only_one:
+        where = "the new model" if only_one[0] in body else "the source model"
+        raise IncompatibleWeights(f"layer {only_one[0]!r} has weights only in {where}")
+    for name, layer in body.items():
+        values = source_body[name].get_weights()
+        _check_shapes(name, [w.shape for w in layer.get_weights()], [v.shape for v in values])
+        layer.set_weights(values)
+    values, source_values = head.get_weights(), source_head.get_weights()
+    _check_shapes(head.name, [v.shape[:-1] for v in values], [v.shape[:-1] for v in source_values])
+    shared = shared_outputs(classes, source_classes)
+    if shared:
+        outputs = np.fromiter(shared.keys(), np.int64)
+        source_outputs = np.fromiter(shared.values(), np.int64)
+        for value, source_value in zip(values, source_values, strict=True):
+            value[..., outputs] = source_value[..., source_outputs]  # kernel columns, bias
+        head.set_weights(values)
+    return shared
+
+
+def _check_shapes(
+    name: str, shapes: Sequence[tuple[int, ...]], source_shapes: Sequence[tuple[int, ...]]
+) -> None:
+    if list(shapes) != list(source_shapes):
+        raise IncompatibleWeights(
+            f"layer {name!r} has weights of shapes {list(shapes)} here but "
+            f"{list(source_shapes)} in the source model"
+        )

@@ -12,7 +12,8 @@ What a run holds once ``hwexp.train.train_and_evaluate`` is done with it:
 
 * params: the flattened, resolved config (``trainer.lr``, ``model.widths``, ...);
 * tags: ``dataset``, ``source``, ``num_classes``, ``image_size``, ``model``, ``hostname``,
-  ``git_commit`` (and ``mlflow.source.git.commit``) when the code is in a git checkout;
+  ``git_commit`` (and ``mlflow.source.git.commit``) when the code is in a git checkout,
+  ``hwexp.init_from`` (the source run's id) when ``trainer.init_from`` is set;
 * per-epoch metrics under Keras' log names (``loss``, ``accuracy``, ``val_loss``,
   ``learning_rate``, ...; step = completed epochs) and summary metrics (``test/accuracy``, ...);
 * artifacts: ``config.yaml``, ``model/model.keras`` + ``model/classes.txt``,
@@ -499,9 +500,11 @@ def find_run(
     experiment: str | None = None,
     metric: str = "test/accuracy",
     parent_run_id: str | None = None,
+    option: str = "run",
 ) -> str:
     """The run id that ``ref`` names: a run id, or ``best`` — the finished run with a model and
     the highest ``metric`` in ``experiment`` (or among the children of ``parent_run_id``).
+    ``option`` is the setting that ``ref`` came from, named in the error messages' advice.
 
     Raises:
         RunNotFound: no such run / experiment, or no finished run with a model and ``metric``.
@@ -512,7 +515,7 @@ def find_run(
         except MlflowException as error:
             raise RunNotFound(
                 f"run {ref!r} does not exist in {client.tracking_uri}; list runs with "
-                f"`mlflow ui --backend-store-uri {client.tracking_uri}` or use run=best"
+                f"`mlflow ui --backend-store-uri {client.tracking_uri}` or use {option}=best"
             ) from error
         return run.info.run_id
     filters = ["attributes.status = 'FINISHED'", f"tags.`{HAS_MODEL_TAG}` = 'true'"]
@@ -521,9 +524,13 @@ def find_run(
     if parent_run_id and not experiment:
         experiment_ids = [client.get_run(parent_run_id).info.experiment_id]
     else:
-        found = client.get_experiment_by_name(experiment or DEFAULT_EXPERIMENT)
+        experiment = experiment or DEFAULT_EXPERIMENT
+        found = client.get_experiment_by_name(experiment)
         if found is None:
-            raise RunNotFound(f"experiment {experiment!r} does not exist in {client.tracking_uri}")
+            raise RunNotFound(
+                f"experiment {experiment!r} does not exist in {client.tracking_uri}; train a run "
+                f"there first, or set {option} to a run id"
+            )
         experiment_ids = [found.experiment_id]
     runs = client.search_runs(
         experiment_ids,
@@ -534,7 +541,10 @@ def find_run(
     runs = [r for r in runs if metric in r.data.metrics]
     if not runs:
         where = f"children of run {parent_run_id}" if parent_run_id else repr(experiment)
-        raise RunNotFound(f"no finished run with a model and metric {metric!r} among {where}")
+        raise RunNotFound(
+            f"no finished run with a model and metric {metric!r} among {where}; train one "
+            f"there first, or set {option} to a run id"
+        )
     return runs[0].info.run_id
 
 

@@ -4,7 +4,8 @@ Configuration (a ``DictConfig`` or nested mapping) is read from these groups:
 ``model`` and ``augment`` (see ``hwexp.model``), ``trainer`` (``conf/trainer/default.yaml``)
 and ``callbacks`` (``conf/callbacks/default.yaml``). Tracking is optional: pass a
 ``hwexp.track.Tracker`` and everything (config, per-epoch metrics, test metrics, model,
-plots) is logged to its run; this module never imports mlflow itself.
+plots) is logged to its run; this module imports ``hwexp.track`` (hence mlflow) only to load
+the run that ``trainer.init_from`` names, whose weights training then starts from.
 
 Epochs are counted from 1 (``epoch`` = number of completed epochs) in tracked metrics and in
 the per-epoch hook.
@@ -16,7 +17,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +25,19 @@ import keras
 import numpy as np
 from keras import ops
 
-from hwexp.model import build_model, strip_augmentation
+from hwexp.data.errors import ConfigError
+from hwexp.model import (
+    IncompatibleWeights,
+    build_model,
+    copy_weights,
+    shared_outputs,
+    strip_augmentation,
+)
 from hwexp.pipeline import evaluation_batches, training_batches
 
 if TYPE_CHECKING:
     from hwexp.data.dataset import PreparedSplits, SplitArrays
-    from hwexp.track import Tracker
+    from hwexp.track import Tracker, TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,7 @@ TOP_K = 5
 ONECYCLE_WARMUP_FRACTION = 0.3  # share of all steps spent warming up
 ONECYCLE_START_DIVISOR = 25.0  # warm-up starts at lr / 25 (also cosine warm-up)
 ONECYCLE_END_FRACTION = 1e-4  # anneals to lr * 1e-4
+INIT_FROM_TAG = "hwexp.init_from"  # on a run started from another run's weights: that run's id
 
 
 # --------------------------------------------------------------------------- compile
@@ -290,6 +299,91 @@ def chosen_dtype_policy(trainer_cfg: Mapping[str, Any]) -> str:
     return "float32"
 
 
+# --------------------------------------------------------------------------- start from a run
+
+
+def load_init_source(cfg: Mapping[str, Any]) -> TrainedModel | None:
+    """The run that ``trainer.init_from`` names, loaded from ``cfg.tracking``'s store, or None
+    when it is null. A run id, or ``best``: the finished run with a model and the highest
+    ``test/accuracy`` in ``tracking.experiment`` (resolved now, to that run's id).
+
+    Raises:
+        ConfigError: no such run, or it has no model; the message names the option.
+    """
+    ref = cfg["trainer"].get("init_from")
+    if ref is None:
+        return None
+    from hwexp.track import RunNotFound, client_for, find_run, load_trained_model
+
+    tracking_cfg = cfg["tracking"]
+    client = client_for(tracking_cfg)
+    try:
+        run_id = find_run(client, str(ref), tracking_cfg["experiment"], option="trainer.init_from")
+        return load_trained_model(client, run_id)
+    except RunNotFound as error:
+        raise ConfigError(f"trainer.init_from={ref}: {error}") from error
+
+
+def initial_model(
+    splits: PreparedSplits,
+    cfg: Mapping[str, Any],
+    init: TrainedModel | None = None,
+    policy: str = "float32",
+) -> keras.Model:
+    """``cfg.model`` built for ``splits`` under dtype ``policy``, with fresh weights, or with
+    ``init``'s (see ``load_init_source``): every layer copied, the classifier by character,
+    classes that ``init`` lacks left fresh (see ``hwexp.model.copy_weights``).
+
+    Raises:
+        ConfigError: ``init``'s weights do not fit this model (another ``model`` config, or
+            another ``preprocess.size`` before a flatten head); names the option, run and layer.
+    """
+    with dtype_policy(policy):
+        model = build_model(
+            cfg["model"],
+            cfg["augment"],
+            len(splits.classes),
+            splits.image_size,
+            seed=int(cfg["trainer"]["seed"]),
+        )
+    if init is None:
+        return model
+    try:
+        shared = copy_weights(model, init.model, splits.classes, init.classes)
+    except IncompatibleWeights as error:
+        raise ConfigError(
+            f"trainer.init_from: the model of run {init.run_id} does not fit this one ({error}); "
+            "start from a run with the same model config and preprocess.size"
+        ) from error
+    if init.model.input_shape != model.input_shape:
+        log.warning(
+            "trainer.init_from: run %s was trained on %s inputs, this model takes %s",
+            init.run_id,
+            init.model.input_shape[1:],
+            model.input_shape[1:],
+        )
+    log.info(
+        "started from the weights of run %s: %d classes matched by character, %d new (fresh "
+        "weights), %d of its classes unused",
+        init.run_id,
+        len(shared),
+        len(splits.classes) - len(shared),
+        len(init.classes) - len(shared),
+    )
+    return model
+
+
+def init_from_params(classes: Sequence[str], init: TrainedModel) -> dict[str, str]:
+    """Params recording a start from ``init``: its run id, and how many of ``classes`` took
+    their classifier weights from it (matched by character) or started fresh (new)."""
+    matched = len(shared_outputs(classes, init.classes))
+    return {
+        "trainer.init_from_run": init.run_id,
+        "trainer.init_from_matched_classes": str(matched),
+        "trainer.init_from_new_classes": str(len(classes) - matched),
+    }
+
+
 # --------------------------------------------------------------------------- fit
 
 
@@ -311,13 +405,15 @@ def fit(
     cfg: Mapping[str, Any],
     extra_callbacks: list[keras.callbacks.Callback] | None = None,
     epoch_hook: EpochHook | None = None,
+    init: TrainedModel | None = None,
 ) -> FitResult:
     """Build and train ``cfg.model`` on ``splits.train``, validating on ``splits.val``.
 
-    Seeds Python, numpy and TF from ``trainer.seed``. ``extra_callbacks`` run after the
-    configured ones and see ``learning_rate``/``samples_per_second`` in their logs;
-    ``epoch_hook`` runs after them. Returns the model as trained (best weights restored when
-    early stopping says so).
+    Seeds Python, numpy and TF from ``trainer.seed``. Starts from the weights of ``init``, or,
+    when None, of the run ``trainer.init_from`` names (see ``initial_model``).
+    ``extra_callbacks`` run after the configured ones and see
+    ``learning_rate``/``samples_per_second`` in their logs; ``epoch_hook`` runs after them.
+    Returns the model as trained (best weights restored when early stopping says so).
     """
     trainer_cfg = cfg["trainer"]
     seed, batch_size = int(trainer_cfg["seed"]), int(trainer_cfg["batch_size"])
@@ -325,10 +421,7 @@ def fit(
     train = training_batches(splits.train, batch_size, seed, splits.source_weights)
     val = evaluation_batches(splits.val, batch_size)
     policy = chosen_dtype_policy(trainer_cfg)
-    with dtype_policy(policy):
-        model = build_model(
-            cfg["model"], cfg["augment"], len(splits.classes), splits.image_size, seed=seed
-        )
+    model = initial_model(splits, cfg, init or load_init_source(cfg), policy)
     compile_model(model, trainer_cfg, train.steps_per_epoch)
     configured = make_callbacks(
         cfg["callbacks"], trainer_cfg["lr_schedule"], verbose=min(1, int(trainer_cfg["verbose"]))
@@ -540,6 +633,7 @@ def train_and_evaluate(
     cfg: Mapping[str, Any],
     tracker: Tracker | None = None,
     epoch_hook: EpochHook | None = None,
+    init: TrainedModel | None = None,
 ) -> dict[str, float]:
     """Train ``cfg.model`` on ``splits`` and evaluate the result on the test split.
 
@@ -549,13 +643,20 @@ def train_and_evaluate(
     ``train/stopped_early`` (0/1). With a ``tracker``, also logs config, tags, per-epoch
     metrics, these metrics, the inference model with ``classes.txt``, and report files.
     ``epoch_hook`` (see ``EpochHook``) may raise to abort, e.g. an Optuna pruner.
+    ``init``: the run ``trainer.init_from`` names, if the caller loaded it already
+    (``load_init_source``, e.g. before starting its MLflow run); else it is loaded here. A run
+    started from it is tagged ``hwexp.init_from=<its run id>`` (see ``init_from_params``).
     """
+    init = init or load_init_source(cfg)
     extra = []
     if tracker is not None:
         tracker.log_config(cfg)
         tracker.set_tags(run_tags(splits, cfg))
+        if init is not None:
+            tracker.set_tags({INIT_FROM_TAG: init.run_id})
+            tracker.log_params(init_from_params(splits.classes, init))
         extra.append(tracker.keras_callback())
-    result = fit(splits, cfg, extra_callbacks=extra, epoch_hook=epoch_hook)
+    result = fit(splits, cfg, extra_callbacks=extra, epoch_hook=epoch_hook, init=init)
     inference_model = strip_augmentation(result.model)
     report = evaluate(
         inference_model, splits.test, splits.classes, int(cfg["trainer"]["batch_size"])
