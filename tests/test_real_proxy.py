@@ -54,5 +54,5 @@ def test_confusion_figures_count_small_and_full_size_both_ways(monkeypatch):
     assert figures["errors"] == 5 and figures["accuracy"] == 3 / 8
     assert (figures["full_to_small"], figures["small_to_full"]) == (2, 1)
     assert figures["catch_all"] == {"class": "ゃ", "errors_collected": 3}
-    assert figures["by_hand"] == {"font": 0.5, "kanjivg": 0.25}
+    assert figures["by_hand"] == {"font": 0.25, "kanjivg": 0.5}
     assert figures["basic46_accuracy"] == pytest.approx(2 / 6)  # っ, ゃ are not basic
