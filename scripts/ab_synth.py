@@ -1,16 +1,19 @@
-"""A/B of renderer options: train each arm on synthetic data over several seeds, read fonts.
+"""A/B of renderer options: train each arm on synthetic data over several seeds, read fonts
+and, with ``--proxy``, the real-handwriting proxy.
 
 Each arm is a name and Hydra overrides. For every arm and seed, ``python -m hwexp`` trains in
 its own ``HWEXP_ROOT`` (``OUT/ARM-sSEED``), then ``eval_fonts.py`` reads Debian's held-out
-handwriting and brush fonts with that model. The seed also changes the writer split and every
-writer's draws, so one seed's difference is mostly noise (about a point on hiragana): compare
-means and the per-seed paired differences against the first arm.
+handwriting and brush fonts with that model, and ``real_proxy.py eval`` reads every set of the
+proxy built with ``real_proxy.py build`` (its figures, not the fonts', predict real scans).
+The seed also changes the writer split and every writer's draws, so one seed's difference is
+mostly noise (about a point on hiragana): compare means and the per-seed paired differences
+against the first arm.
 
     python scripts/ab_synth.py --out /tmp/ab --seeds 1 2 3 \\
         --arm base \\
         --arm debian synthetic=debian_fonts \\
         --arm debian_r50 synthetic=debian_fonts synthetic.font_ratio=0.5 \\
-        [--common dataset.classes=hiragana75 --common trainer.epochs=12 ...]
+        [--common dataset.classes=hiragana75 --common trainer.epochs=12 ...] [--proxy DIR]
 
 Finished runs are kept (``result.json``) and reused when the script is run again with the
 same arm and overrides, so a long comparison can be resumed or extended by seeds or arms.
@@ -40,8 +43,11 @@ class Arm:
     overrides: tuple[str, ...]
 
 
-def run_arm_seed(arm: Arm, seed: int, common: tuple[str, ...], out: Path) -> dict:
-    """Train and read fonts for one arm and seed (or reuse a finished result); the figures."""
+def run_arm_seed(
+    arm: Arm, seed: int, common: tuple[str, ...], out: Path, proxy: Path | None = None
+) -> dict:
+    """Train and read fonts (and the proxy) for one arm and seed, or reuse a finished result
+    (reading the proxy if it lacks that); the figures."""
     root = out / f"{arm.name}-s{seed}"
     spec = {"arm": arm.name, "seed": seed, "overrides": [*common, *arm.overrides]}
     spec_file, result_file = root / "arm.json", root / "result.json"
@@ -52,7 +58,11 @@ def run_arm_seed(arm: Arm, seed: int, common: tuple[str, ...], out: Path) -> dic
                 "--out or arm name"
             )
         if result_file.exists():
-            return json.loads(result_file.read_text())
+            result = json.loads(result_file.read_text())
+            if proxy is not None and "proxy" not in result:
+                result["proxy"] = _read_proxy(root, proxy)
+                atomic_write_text(result_file, json.dumps(result, indent=1, ensure_ascii=False))
+            return result
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(spec_file, json.dumps(spec, indent=1) + "\n")
     env = {**os.environ, "HWEXP_ROOT": str(root)}
@@ -74,8 +84,18 @@ def run_arm_seed(arm: Arm, seed: int, common: tuple[str, ...], out: Path) -> dic
     ]
     _logged(read, root / "eval.log", env)
     result = {**json.loads((root / "fonts.json").read_text()), "train_seconds": wall}
+    if proxy is not None:
+        result["proxy"] = _read_proxy(root, proxy)
     atomic_write_text(result_file, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return result
+
+
+def _read_proxy(root: Path, proxy: Path) -> dict:
+    figures = root / "proxy.json"
+    read = [sys.executable, str(REPO / "scripts" / "real_proxy.py"), "eval", "--proxy"]
+    read += [str(proxy), "--run", "best", "--json", str(figures)]
+    _logged(read, root / "proxy.log", {**os.environ, "HWEXP_ROOT": str(root)})
+    return json.loads(figures.read_text())
 
 
 def _logged(command: list[str], log: Path, env: dict[str, str]) -> None:
@@ -97,9 +117,19 @@ FIGURES = (
 )
 
 
-def _figures(result: dict) -> list[float]:
+PROXY_SETS = ("etl8b2", "etl9g", "scans")
+
+
+def _columns(results: dict) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """FIGURES, plus the proxy's sets when every result has them."""
+    if all("proxy" in r for r in results.values()):
+        return FIGURES + tuple((f"proxy {s}", ("proxy", s, "accuracy")) for s in PROXY_SETS)
+    return FIGURES
+
+
+def _figures(result: dict, columns=FIGURES) -> list[float]:
     values = []
-    for _, keys in FIGURES:
+    for _, keys in columns:
         value = result
         for key in keys:
             value = value[key]
@@ -110,23 +140,30 @@ def _figures(result: dict) -> list[float]:
 def summary_rows(arms: list[Arm], seeds: list[int], results: dict) -> list[str]:
     """Markdown lines: one row per arm and seed; then per arm the mean of each figure and,
     after the first arm, the mean (min..max) per-seed paired difference to it, in points."""
-    names = [name for name, _ in FIGURES]
+    chosen = _columns({key: results[key] for key in results})
+    names = [name for name, _ in chosen]
+    proxy = len(chosen) > len(FIGURES)
+    size_column = " proxy full→small / small→full |" if proxy else ""
     lines = [
         f"| arm | seed | {' | '.join(names)} | voicing / size / other errors, distorted "
-        "| train s |",
-        "|---|---|" + "---|" * (len(names) + 2),
+        f"|{size_column} train s |",
+        "|---|---|" + "---|" * (len(names) + 2 + proxy),
     ]
     for arm in arms:
         for seed in seeds:
             r = results[arm.name, seed]
             e = r["errors"]["distorted"]
             kinds = f"{e['voicing mark']} / {e['small/full size']} / {e['other']}"
-            cells = " | ".join(f"{v:.1f}" for v in _figures(r))
+            if proxy:
+                full_small = sum(r["proxy"][s]["full_to_small"] for s in PROXY_SETS)
+                small_full = sum(r["proxy"][s]["small_to_full"] for s in PROXY_SETS)
+                kinds += f" | {full_small} / {small_full}"
+            cells = " | ".join(f"{v:.1f}" for v in _figures(r, chosen))
             lines.append(f"| {arm.name} | {seed} | {cells} | {kinds} | {r['train_seconds']:.0f} |")
     lines += ["", f"| arm | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
     # columns[arm][figure] = that figure over the seeds
     columns = {
-        arm.name: list(zip(*(_figures(results[arm.name, s]) for s in seeds), strict=True))
+        arm.name: list(zip(*(_figures(results[arm.name, s], chosen) for s in seeds), strict=True))
         for arm in arms
     }
     base = columns[arms[0].name]
@@ -160,6 +197,9 @@ def main() -> int:
         default=None,
         help=f"an override for every arm, repeatable (default: {' '.join(DEFAULT_COMMON)})",
     )
+    parser.add_argument(
+        "--proxy", type=Path, default=None, help="also read this real_proxy.py build folder"
+    )
     args = parser.parse_args()
     arms = [Arm(a[0], tuple(a[1:])) for a in args.arm]
     if len({a.name for a in arms}) != len(arms):
@@ -174,7 +214,7 @@ def main() -> int:
     for seed in args.seeds:
         for arm in arms:
             print(f"{arm.name}, seed {seed}:", " ".join(arm.overrides) or "(defaults)", flush=True)
-            results[arm.name, seed] = run_arm_seed(arm, seed, common, args.out)
+            results[arm.name, seed] = run_arm_seed(arm, seed, common, args.out, args.proxy)
     print("\n".join(summary_rows(arms, args.seeds, results)))
     return 0
 
