@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from hwexp.model import (
     RandomSlant,
+    RandomStrokeWidth,
     augmentation_layers,
     build_model,
     is_training_only,
@@ -119,6 +120,22 @@ def test_augmentation_layers_follow_config_and_only_act_in_training() -> None:
     for layer in augmentation_layers(on, seed=3):
         np.testing.assert_array_equal(np.asarray(layer(images, training=False)), images)
         assert not np.allclose(np.asarray(layer(images, training=True)), images), layer.name
+
+
+def test_random_stroke_width_thickens_or_thins_whole_images_in_training_only() -> None:
+    image = np.zeros((1, 15, 15, 1), np.float32)
+    image[0, 3:12, 6:9, 0] = 1.0  # a stroke 3 px wide
+    images = np.repeat(image, 64, axis=0)
+    layer = RandomStrokeWidth(1.0, seed=0)
+    widths = np.asarray(layer(images, training=True))[:, 7, :, 0].sum(axis=1)
+    assert set(np.unique(widths)) == {1.0, 5.0}  # every image eroded or dilated by a pixel
+    half = np.asarray(RandomStrokeWidth(0.5, seed=0)(images, training=True))[:, 7, :, 0]
+    assert set(np.unique(half.sum(axis=1))) == {1.0, 3.0, 5.0}
+    np.testing.assert_array_equal(np.asarray(layer(images, training=False)), images)
+    assert RandomStrokeWidth.from_config(layer.get_config()).rate == 1.0
+    on = OmegaConf.merge(load_group("augment", "on"), {"stroke_width": 0.3})
+    assert augmentation_layers(on)[-1].name == "augment_stroke_width"
+    assert is_training_only(augmentation_layers(on)[-1])
 
 
 def test_random_slant_keeps_the_centre_and_tilts_a_vertical_stroke() -> None:

@@ -97,13 +97,49 @@ class RandomSlant(layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="hwexp")
+class RandomStrokeWidth(layers.Layer):
+    """Random stroke thickness, training only: each image is dilated (a 3 x 3 grey maximum:
+    strokes about 2 px thicker) with probability ``rate / 2``, eroded (3 x 3 minimum) with
+    probability ``rate / 2``, else left alone, so pen width cannot tell classes apart.
+    Input: a float ``(n, h, w, c)`` batch, ink high."""
+
+    def __init__(self, rate: float, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rate must be in [0, 1], got {rate}")
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images: Any, training: bool | None = None) -> Any:
+        if not training or self.rate == 0.0:
+            return images
+        thick = ops.max_pool(images, pool_size=3, strides=1, padding="same")
+        thin = -ops.max_pool(-images, pool_size=3, strides=1, padding="same")
+        draw = keras.random.uniform(
+            (ops.shape(images)[0], 1, 1, 1), dtype=images.dtype, seed=self.seed_generator
+        )
+        out = ops.where(draw < self.rate / 2, thick, images)
+        return ops.where(draw > 1.0 - self.rate / 2, thin, out)
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(rate=self.rate, seed=self.seed)
+        return config
+
+
 def augmentation_layers(
     augment_cfg: Mapping[str, Any], seed: int | None = None
 ) -> list[layers.Layer]:
     """The geometric augmentation layers described by ``augment_cfg`` (empty when disabled).
 
     Keys: ``enabled`` (bool), ``rotation`` (max degrees), ``zoom`` (max fraction, in and out),
-    ``shift`` (max fraction of the image size, both axes), ``shear`` (max slant in degrees).
+    ``shift`` (max fraction of the image size, both axes), ``shear`` (max slant in degrees),
+    ``stroke_width`` (share of images made thicker or thinner; absent in old configs: 0).
     A zero amount leaves its layer out. Uncovered pixels are filled with 0 (background), never
     reflected (a reflection would add ghost strokes). All layers are identities unless called
     with ``training=True``.
@@ -132,6 +168,11 @@ def augmentation_layers(
         )
     if shear > 0:
         chosen.append(RandomSlant(shear, seed=layer_seed(4), name="augment_shear"))
+    stroke_width = float(augment_cfg.get("stroke_width", 0.0))
+    if stroke_width > 0:
+        chosen.append(
+            RandomStrokeWidth(stroke_width, seed=layer_seed(5), name="augment_stroke_width")
+        )
     return chosen
 
 
