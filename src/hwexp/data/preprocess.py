@@ -228,15 +228,15 @@ def normalise_characters(
         batch = max(1, _BATCH_PIXELS // max(1, images.shape[1] * images.shape[2]))
     starts = range(0, len(images), batch)
     # Two passes: the fit of every image first (the reference needs its whole group), then the
-    # crops. Masks are kept between the passes; the images are made ink-high again (cheap).
-    fits = [_fit_batch(ink_high(images[s : s + batch], ink), options) for s in starts]
+    # crops. Each batch's ink-high images and masks are kept between the passes.
+    parts = [ink_high(images[s : s + batch], ink) for s in starts]
+    fits = [_fit_batch(part, options) for part in parts]
     extents = np.concatenate([f.extent for f in fits]) if fits else np.zeros((0, 2))
     has_ink = np.concatenate([f.has_ink for f in fits]) if fits else np.zeros(0, bool)
     floors = reference_extents(extents, has_ink, min(images.shape[1:]), writers, options)
     floors *= options.min_crop
     out = np.empty((len(images), options.size, options.size), np.uint8)
-    for s, fit in zip(starts, fits, strict=True):
-        part = ink_high(images[s : s + batch], ink)
+    for s, part, fit in zip(starts, parts, fits, strict=True):
         out[s : s + batch] = _crop_batch(part, fit, floors[s : s + batch], options)
     if options.stroke_width > 0:
         out = redraw_strokes(out, options.stroke_width * options.size)
