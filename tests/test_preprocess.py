@@ -298,3 +298,86 @@ def test_masking_at_cell_resolution(step, h, w):
     cells = rng.random((5, -(-h // step), -(-w // step))) < 0.5
     full = np.repeat(np.repeat(cells, step, axis=1), step, axis=2)[:, :h, :w]
     np.testing.assert_array_equal(_masked(images, cells, step), np.where(full, images, 0))
+
+
+def _side(image: np.ndarray) -> int:
+    rows, cols = np.nonzero(image >= 128)
+    return int(max(np.ptp(rows), np.ptp(cols)) + 1)
+
+
+def _writer(scale: float, n_full: int = 12) -> np.ndarray:
+    """A writer's page: ``n_full`` full-size crosses and one small one (half their size), all
+    ``scale`` times a 60 px character in 128 px cells."""
+    full = [
+        cross(
+            size=round(60 * scale * (1 + 0.02 * i)), width=max(2, round(8 * scale)), top=20, left=20
+        )
+        for i in range(n_full)
+    ]
+    small = cross(size=round(30 * scale), width=max(2, round(8 * scale)), top=40, left=40)
+    return np.stack([*full, small])
+
+
+def test_a_small_character_stays_small_against_its_writers_others_whatever_their_size():
+    # Two writers: one fills its cells, one writes at half that size. Judged against its own
+    # writer's median, each small character lands at the same prepared size.
+    big, tiny = _writer(1.6), _writer(0.8)
+    images = np.concatenate([big, tiny])
+    writers = np.repeat(["big", "tiny"], len(big))
+    out = normalise_characters(images, writers=writers)
+    sides = [_side(image) for image in out]
+    n = len(big)
+    assert sides[n - 1] < 0.7 * sides[0]  # the small cross is smaller than the full-size ones
+    assert abs(sides[n - 1] - sides[2 * n - 1]) <= 1  # the same for both writers
+    assert abs(sides[0] - sides[n]) <= 1
+    # Against the cell, the writer at half size has every character shrunk.
+    cell = normalise_characters(images, options=PreprocessOptions(size_reference="cell"))
+    assert _side(cell[n]) < 0.8 * _side(cell[0])
+
+
+def test_writers_with_few_images_share_a_pooled_reference_and_lone_images_use_the_cell():
+    page = _writer(1.0, n_full=5)  # 6 images: fewer than reference_min_images (12)
+    images = np.concatenate([page, page])
+    writers = np.array([f"w{i}" for i in range(len(images))])  # each image its own writer
+    options = PreprocessOptions()
+    pooled = normalise_characters(images, options=options, writers=writers)
+    from hwexp.data.preprocess import _fit_batch, reference_extents
+
+    fit = _fit_batch(images, options)
+    refs = reference_extents(fit.extent, fit.has_ink, 128, writers, options)
+    np.testing.assert_allclose(refs, np.median(fit.extent.max(axis=1)))
+    lone = reference_extents(fit.extent[:1], fit.has_ink[:1], 128, writers[:1], options)
+    assert lone[0] == options.reference_fill * 128
+    alone = normalise_characters(images[-1], options=options)[0]
+    assert _side(alone) != _side(pooled[-1])  # the small cross: cell fallback vs pooled median
+
+
+def test_a_stray_mark_moves_the_box_fit_but_barely_the_moment_fit():
+    from scipy import ndimage
+
+    def character_side(image: np.ndarray) -> int:  # the largest component: the cross
+        labels, _ = ndimage.label(image >= 128)
+        largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+        return _side(np.where(labels == largest, 255, 0))
+
+    clean = cross(top=30, left=30, size=60)
+    marked = clean.copy()
+    marked[110:114, 118:122] = 255  # a mark far from the character, too large for a speck
+    sides = {}
+    for fit in ("moments", "box"):
+        options = PreprocessOptions(fit=fit, size_reference="cell", remove_border_fragments=False)
+        a, b = normalise_characters(np.stack([clean, marked]), options=options)
+        sides[fit] = character_side(a) - character_side(b)
+    assert sides["box"] > 5  # the box stretches to the mark: the character shrinks
+    assert abs(sides["moments"]) <= 1
+
+
+def test_redrawn_strokes_have_one_width_whatever_the_pen():
+    thin, thick = cross(width=4, size=70), cross(width=14, size=70)
+    options = PreprocessOptions(stroke_width=0.06)
+    out = normalise_characters(np.stack([thin, thick]), options=options)
+    ink = (out >= 128).sum(axis=(1, 2))
+    assert abs(int(ink[0]) - int(ink[1])) <= 0.1 * ink.max()
+    plain = normalise_characters(np.stack([thin, thick]))
+    plain_ink = (plain >= 128).sum(axis=(1, 2))
+    assert plain_ink[1] > 2 * plain_ink[0]
