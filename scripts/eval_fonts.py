@@ -1,5 +1,9 @@
 """Development check: how well does a trained model read handwriting-style fonts it never saw?
 
+Fonts on a clean canvas do not predict real scans (issue 14: they missed the size-in-the-cell
+failures entirely); ``scripts/real_proxy.py`` is the check whose figures do. This one still
+tells style: brush and handwriting fonts read apart.
+
 The held-out fonts are Debian's handwriting and brush fonts (install them with
 ``apt-get install fonts-seto fonts-klee fonts-kouzan-mouhitsu fonts-aoyagi-soseki``); the
 synthetic source refuses to train on them. Each class character a font has is rendered dark
