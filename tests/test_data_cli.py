@@ -53,3 +53,10 @@ def test_download_command_verifies_md5_against_a_local_mirror(tmp_path, serve):
     assert "md5" in result.stderr and "kmnist-train-imgs.npz" in result.stderr
     assert not (tmp_path / "data" / "raw" / "kmnist" / "kmnist-train-imgs.npz").exists()
     assert server.requests  # it did fetch from the mirror on 127.0.0.1
+
+
+def test_folder_dataset_without_path_exit_1_saying_how_to_set_it(tmp_path):
+    result = run_cli(tmp_path, "prepare", "dataset=folder")
+    assert result.returncode == 1
+    assert "dataset.path=<directory>" in result.stderr and "None" not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,3 +1,4 @@
+import logging
 import multiprocessing
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ from hwexp.data.dataset import ImageView, load_splits, prepare_sources
 from hwexp.data.errors import ConfigError, DataError, DatasetFilesMissing, UnreadableImage
 
 HIRA = "あいう"
-KANJI = "亜"
+KANJI = "木"  # one of ETL8's 881 kanji
 
 
 @pytest.fixture
@@ -321,3 +322,93 @@ def test_a_character_keeps_its_size_whatever_cell_canvas_or_padding_it_arrived_i
             assert abs(sides[char] - reference[char]) <= 2, (name, char, sides, reference)
         assert sides["小"] < 0.85 * sides["大"], (name, sides)
         assert sides["大"] >= 34, (name, sides)  # full-size characters fill the frame
+
+
+def _folder_tree(root: Path, names: str | list[str], per_class: int = 4) -> Path:
+    """``per_class`` drawings in each of the folders ``names`` (dark ink, shifted a little)."""
+    for name in names:
+        for writer in range(per_class):
+            _draw(root / name / f"{writer}.png", dark_ink=True, shift=writer)
+    return root
+
+
+def _png_claiming(path: Path, width: int, height: int) -> None:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("side", [14_000, 10_000])  # past Pillow's error, past its warning
+def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, side):
+    root = _folder_tree(tmp_path / "mine", "木本")
+    _png_claiming(root / "木" / "huge.png", side, side)
+    assert (root / "木" / "huge.png").stat().st_size < 100
+    cfg = data_config(tmp_path, "dataset=folder", f"dataset.path={root}")
+    with pytest.raises(UnreadableImage, match=r"huge\.png is too large to decode safely"):
+        load_splits(cfg, progress=False)
+
+
+def test_nfd_folder_names_are_read_as_nfc(tmp_path):
+    root = _folder_tree(tmp_path / "mine", ["か\u3099", "き"])  # macOS spells が this way
+    cfg = data_config(tmp_path, "dataset=folder", f"dataset.path={root}")
+    assert load_splits(cfg, progress=False).classes == ("が", "き")
+
+
+def test_labels_txt_maps_folder_names_to_characters(tmp_path):
+    root = _folder_tree(tmp_path / "mine", ["ka", "ki", "く"])
+    (root / "labels.txt").write_text("# folder<TAB>character\nka\tか\n\nki\tき\n", encoding="utf-8")
+    cfg = data_config(tmp_path, "dataset=folder", f"dataset.path={root}")
+    splits = load_splits(cfg, progress=False)
+    assert splits.classes == ("か", "き", "く")
+    (root / "labels.txt").write_text("ka\tか\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"ki: its name is not one character.*labels\.txt"):
+        load_splits(cfg, progress=False)
+    (root / "labels.txt").write_text("ka\tか\nki き\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"labels\.txt line 2: 'ki き' is not '<folder><TAB>"):
+        load_splits(cfg, progress=False)
+
+
+def test_a_file_name_that_is_not_utf8_is_prepared(tmp_path):
+    root = _folder_tree(tmp_path / "mine", "木本")
+    odd = root / "木" / os.fsdecode(b"w\xff\xfe.png")
+    _draw(odd, dark_ink=False, shift=2)
+    cfg = data_config(tmp_path, "dataset=folder", f"dataset.path={root}")
+    source = prepare_sources(cfg, progress=False)["folder"]
+    assert len(source) == 9
+    assert any(name.endswith("w\\xff\\xfe.png") for name in source.meta["file"])
+
+
+def test_tiny_and_blank_images_are_skipped_with_one_warning(tmp_path, caplog):
+    root = _folder_tree(tmp_path / "mine", "木本")
+    Image.new("L", (1, 1), 0).save(root / "木" / "dot.png")
+    Image.new("L", (60, 80), 250).save(root / "本" / "blank.png")
+    cfg = data_config(tmp_path, "dataset=folder", f"dataset.path={root}")
+    with caplog.at_level(logging.WARNING, logger="hwexp.data.cache"):
+        source = prepare_sources(cfg, progress=False)["folder"]
+    assert len(source) == 8 and source.images.shape[0] == 8
+    assert not any(name.endswith(("dot.png", "blank.png")) for name in source.meta["file"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "skipped 2 of 10 images" in warnings[0]
+    assert "blank.png (blank: no contrast)" in warnings[0] or "dot.png (1x1 pixels)" in warnings[0]
+    caplog.clear()
+    assert len(prepare_sources(cfg, progress=False)["folder"]) == 8  # cached: no new warning
+    assert not caplog.records
+
+
+def test_folder_dataset_without_a_path_says_how_to_set_it(tmp_path):
+    cfg = data_config(tmp_path, "dataset=folder")
+    with pytest.raises(ConfigError, match=r"dataset=folder needs .* dataset\.path=<directory>"):
+        load_splits(cfg, progress=False)
+    cfg = data_config(tmp_path, "dataset=folder", "dataset.classes='chars:あい'")
+    with pytest.raises(ConfigError, match=r"dataset\.path=<directory>"):
+        load_splits(cfg, progress=False)

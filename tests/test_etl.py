@@ -4,10 +4,13 @@ import numpy as np
 import pytest
 
 from etl_fixtures import (
+    ETL8G_FORMAT,
+    ETL9G_FORMAT,
     FakeRecord,
     etl1c_bytes,
     etl_b_bytes,
     etl_g_bytes,
+    make_etl8g_tree,
     make_g_records,
     stroke_image,
     write,
@@ -30,7 +33,7 @@ def test_jis_of_a_is_0x2422():
     ],
 )
 def test_etl_g_decodes_every_field_and_pixel(tmp_path, fmt, builder, struct_fmt):
-    records = make_g_records("あい亜", range(7, 9))
+    records = make_g_records("あい木", range(7, 9))
     path = write(tmp_path / "f", builder(records, struct_fmt))
     assert path.stat().st_size == len(records) * 8199
     chunk = etl.decode_records(path, fmt)
@@ -104,7 +107,7 @@ def test_etl1c_all_51_categories_give_48_classes(tmp_path):
     [(etl.ETL8B2, ">2H4s504s", 512), (etl.ETL9B, ">2H4s504s64x", 576)],
 )
 def test_etl_b_skips_dummy_and_unpacks_bits(tmp_path, fmt, struct_fmt, size):
-    records = make_g_records("あ亜", range(3, 5), height=63, width=64, bits=1)
+    records = make_g_records("あ木", range(3, 5), height=63, width=64, bits=1)
     path = write(tmp_path / "b", etl_b_bytes(records, struct_fmt))
     assert path.stat().st_size == (len(records) + 1) * size
     chunk = etl.decode_records(path, fmt)
@@ -142,13 +145,13 @@ def test_missing_files_message_names_files_and_synthetic(tmp_path):
 
 
 def test_tasks_filter_classes_and_count_exactly(tmp_path):
-    records = make_g_records("あい亜", range(1, 6))
+    records = make_g_records("あい木", range(1, 6))
     path = write(tmp_path / "ETL8G_01", etl_g_bytes(records, ">2H8sI4B4H2B30x8128s11x"))
-    tasks = etl.etl_tasks([path], etl.ETL8G, frozenset("あ亜"), chunk_records=4)
+    tasks = etl.etl_tasks([path], etl.ETL8G, frozenset("あ木"), chunk_records=4)
     chunks = [t.load() for t in tasks]
     assert [t.count for t in tasks] == [len(c.labels) for c in chunks]
     labels = np.concatenate([c.labels for c in chunks])
-    assert sorted(labels.tolist()) == sorted("あ亜" * 5)
+    assert sorted(labels.tolist()) == sorted("あ木" * 5)
     assert sum(t.count for t in tasks) == 10
 
 
@@ -180,3 +183,33 @@ def test_format_record_sizes():
     assert etl.ETL9B.record_size == 576
     assert Path(etl.ETL9G.file_names[-1]).name == "ETL9G_50"
     assert len(etl.ETL8G.file_names) == 32
+
+
+def test_etl9g_records_in_an_etl8g_file_are_refused_naming_file_and_format(tmp_path):
+    # Same 8,199-byte records; ETL9G's kanji (亜 is not one of ETL8's 881) give it away.
+    records = make_g_records("あい亜", range(1, 3))
+    path = write(tmp_path / "ETL8G" / "ETL8G_01", etl_g_bytes(records, ETL9G_FORMAT))
+    with pytest.raises(CorruptDataFile) as info:
+        etl.decode_etl8g(path)
+    message = str(info.value)
+    assert "ETL8G_01: record 2 is '亜' (JIS 0x3021)" in message
+    assert "look like ETL9G" in message and "ETL9G/" in message and "etlcdb" in message
+    with pytest.raises(CorruptDataFile, match="ETL8G_01: record 2"):
+        etl.labels_in_files([path], etl.ETL8G)  # what planning reads, before any work
+
+
+def test_etl8g_records_in_an_etl9g_file_are_refused(tmp_path):
+    records = make_g_records("あっ木", range(1, 2))  # small っ is ETL8-only
+    path = write(tmp_path / "ETL9G_07", etl_g_bytes(records, ETL8G_FORMAT))
+    with pytest.raises(CorruptDataFile, match=r"ETL9G_07: record 1 is 'っ'.*look like ETL8G"):
+        etl.etl_tasks([path], etl.ETL9G, None)
+
+
+def test_a_wrong_file_in_a_whole_etl8g_tree_stops_planning(tmp_path):
+    from hwexp.data.sources import plan_source
+
+    make_etl8g_tree(tmp_path, "あい木")
+    swapped = tmp_path / "ETL8G" / "ETL8G_05"
+    write(swapped, etl_g_bytes(make_g_records("あ亜", range(9, 10)), ETL9G_FORMAT))
+    with pytest.raises(CorruptDataFile, match="ETL8G_05: record 1 is '亜'.*ETL9G"):
+        plan_source("etl8g", tuple("あい"), tmp_path, {})

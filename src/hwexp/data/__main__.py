@@ -1,10 +1,12 @@
-"""``python -m hwexp.data prepare|show|stats [overrides]`` and ``download kmnist|k49``.
+"""``python -m hwexp.data prepare|show|stats|verify [overrides]`` and ``download kmnist|k49``.
 
 Examples::
 
     python -m hwexp.data prepare dataset=kanji3036 preprocess.size=64
     python -m hwexp.data show dataset=hiragana dataset.source=synthetic
     python -m hwexp.data stats dataset=katakana split=random
+    python -m hwexp.data verify                      # checksum every cache entry
+    python -m hwexp.data verify verify.remove=true   # ... and delete the damaged ones
     python -m hwexp.data download kmnist
 """
 
@@ -20,9 +22,9 @@ from omegaconf import DictConfig
 from hwexp import CONF_DIR
 from hwexp.data.errors import DataError
 
-COMMANDS = ("prepare", "show", "stats", "download")
+COMMANDS = ("prepare", "show", "stats", "verify", "download")
 USAGE = (
-    "usage: python -m hwexp.data {prepare|show|stats} [hydra overrides...]\n"
+    "usage: python -m hwexp.data {prepare|show|stats|verify} [hydra overrides...]\n"
     "       python -m hwexp.data download {kmnist|k49} [paths.data_dir=...]"
 )
 _command: list[str] = []
@@ -42,6 +44,9 @@ def _dispatch(cfg: DictConfig, command: str) -> None:
 
         paths = download_dataset(_command[1], Path(cfg.paths.data_dir).expanduser().resolve())
         print("\n".join(str(p) for p in paths))
+        return
+    if command == "verify":
+        _verify(Path(cfg.paths.cache_dir).expanduser().resolve(), bool(cfg.verify.remove))
         return
     from hwexp.data.dataset import class_set_of, load_splits, prepare_sources
     from hwexp.data.show import count_table, sample_grid, save_png
@@ -76,6 +81,33 @@ def _dispatch(cfg: DictConfig, command: str) -> None:
             if len(prepared) > 1 and cfg.show.output:
                 output = output.with_name(f"{output.stem}-{source.name}{output.suffix}")
             print(save_png(grid, output))
+
+
+def _verify(cache_dir: Path, remove: bool) -> None:
+    """One line per cache entry; exit status 1 while a damaged entry is left in place."""
+    from hwexp.data.cache import verify_entries
+
+    reports = []
+    for report in verify_entries(cache_dir, remove=remove):
+        if report.problem is None:
+            size = f"{report.count} images, {report.nbytes / 1e6:.1f} MB"
+            print(f"ok       {report.path.name} ({size})")
+        else:
+            state = "removed " if report.removed else "DAMAGED "
+            print(f"{state} {report.path.name}: {report.problem}")
+        reports.append(report)
+    damaged = [r for r in reports if r.problem is not None and not r.removed]
+    print(f"{len(reports)} cache entries in {cache_dir}, {len(damaged)} damaged")
+    if damaged:
+        what = (
+            "1 damaged cache entry: delete it"
+            if len(damaged) == 1
+            else f"{len(damaged)} damaged cache entries: delete them"
+        )
+        raise DataError(
+            f"{what} or run `python -m hwexp.data verify verify.remove=true`; the next run that "
+            "needs an entry prepares it again."
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

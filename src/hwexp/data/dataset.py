@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from hwexp.data.cache import PreparedSource, load_or_prepare, resolve_workers
 from hwexp.data.charsets import CLASS_SETS, resolve_class_set
 from hwexp.data.errors import ConfigError
-from hwexp.data.folder import list_folder_images
+from hwexp.data.folder import folder_root, list_folder_images
 from hwexp.data.preprocess import PreprocessOptions
 from hwexp.data.sources import SOURCES, plan_source
 from hwexp.data.split import split_samples
@@ -145,8 +145,8 @@ def class_set_of(dataset_cfg: Mapping) -> tuple[tuple[str, ...], str]:
         # a user's folder: every folder name is a class
         if dataset_sources(dataset_cfg) != ["folder"]:
             raise ConfigError("dataset.classes=auto works only with dataset.source=folder")
-        path = Path(str(dataset_cfg.get("path"))).expanduser()
-        names = sorted({char for _, char in list_folder_images(path)})
+        root = folder_root(dataset_cfg.get("path"))
+        names = sorted({char for _, char in list_folder_images(root)})
         return resolve_class_set(names), f"folder{len(names)}"
     try:
         chars = resolve_class_set(spec)

@@ -25,3 +25,7 @@ class DownloadError(DataError):
 
 class ConfigError(DataError):
     """A dataset, preprocessing or split option is invalid."""
+
+
+class DamagedCacheEntry(DataError):
+    """A prepared-array cache entry is incomplete or no longer matches what was recorded."""

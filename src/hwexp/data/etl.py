@@ -14,6 +14,12 @@ Record layouts (field names follow the ETL documentation):
 * ETL9G   8199 bytes ``>2H8sI4B4H2B34x8128s7x``, image 128x127, 4-bit, files 01..50.
 * ETL8B2  512 bytes ``>2H4s504s``, image 64x63, 1-bit; the first record of each file is a dummy.
 * ETL9B   576 bytes ``>2H4s504s64x``, image 64x63, 1-bit; the first record is a dummy.
+
+ETL8G and ETL9G records have the same size and header, so a file of one read as the other
+would decode with its image shifted by 8 pixels. What tells them apart is the class set: ETL8
+holds 956 characters (75 hiragana, 881 kanji), ETL9 3,036 (71 hiragana, the 2,965 JIS level-1
+kanji), every file holding every character for its writers; a record outside its format's
+set is refused, naming the file and the format it looks like.
 """
 
 from __future__ import annotations
@@ -26,7 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hwexp.data.charsets import ETL1_READINGS, jis0208_to_char
+from hwexp.data.charsets import (
+    ETL1_READINGS,
+    ETL8G_956,
+    ETL9G_3036,
+    char_to_jis0208,
+    jis0208_to_char,
+)
 from hwexp.data.errors import CorruptDataFile, DatasetFilesMissing
 from hwexp.data.raw import ChunkTask, RawChunk
 
@@ -45,6 +57,7 @@ class EtlFormat:
     subdir: str
     file_names: tuple[str, ...]
     dummy_first_record: bool = False
+    classes: frozenset[str] | None = None  # every character the format's files hold
 
     @property
     def record_size(self) -> int:
@@ -118,6 +131,7 @@ ETL8G = EtlFormat(
     bits=4,
     subdir="ETL8G",
     file_names=tuple(f"ETL8G_{i:02d}" for i in range(1, 33)),
+    classes=frozenset(ETL8G_956),
 )
 ETL9G = EtlFormat(
     name="ETL9G",
@@ -127,6 +141,7 @@ ETL9G = EtlFormat(
     bits=4,
     subdir="ETL9G",
     file_names=tuple(f"ETL9G_{i:02d}" for i in range(1, 51)),
+    classes=frozenset(ETL9G_3036),
 )
 ETL8B2 = EtlFormat(
     name="ETL8B2",
@@ -137,6 +152,7 @@ ETL8B2 = EtlFormat(
     subdir="ETL8B",
     file_names=tuple(f"ETL8B2C{i}" for i in range(1, 4)),
     dummy_first_record=True,
+    classes=frozenset(ETL8G_956),
 )
 ETL9B = EtlFormat(
     name="ETL9B",
@@ -149,6 +165,7 @@ ETL9B = EtlFormat(
     subdir="ETL9B",
     file_names=tuple(f"ETL9B_{i}" for i in range(1, 6)),
     dummy_first_record=True,
+    classes=frozenset(ETL9G_3036),
 )
 
 FORMATS: dict[str, EtlFormat] = {f.name.lower(): f for f in (ETL1C, ETL8G, ETL9G, ETL8B2, ETL9B)}
@@ -274,6 +291,9 @@ def decode_records(
 
 
 def _check_labels(path: Path, fmt: EtlFormat, labels: np.ndarray, start: int) -> None:
+    """Refuse records whose label names no character, or one that ``fmt`` does not hold: the
+    file is damaged or of another format (ETL8G and ETL9G records are both 8,199 bytes, but
+    ETL9G's image starts 4 bytes later, so it would decode shifted by 8 pixels)."""
     bad = np.flatnonzero(labels == "")
     if len(bad):
         field = "reading" if fmt is ETL1C else "JIS code"
@@ -281,6 +301,33 @@ def _check_labels(path: Path, fmt: EtlFormat, labels: np.ndarray, start: int) ->
             f"{path}: record {start + int(bad[0])} has a {field} that names no known character; "
             f"the file is damaged or is not an {fmt.name} file."
         )
+    if fmt.classes is None:
+        return
+    unique, first = np.unique(labels, return_index=True)
+    foreign = [(int(i), str(c)) for c, i in zip(unique, first, strict=True) if c not in fmt.classes]
+    if not foreign:
+        return
+    record, char = min(foreign)
+    chars = {str(c) for c in unique}
+    alike = [
+        other.name
+        for other in FORMATS.values()
+        if other is not fmt
+        and other.record_size == fmt.record_size
+        and other.classes is not None
+        and chars <= other.classes
+    ]
+    looks = (
+        f"its records look like {alike[0]} ({fmt.record_size:,}-byte records as well): move it "
+        f"to {FORMATS[alike[0].lower()].subdir}/ for dataset.source={alike[0].lower()}, and "
+        f"get the {fmt.name} file again"
+        if alike
+        else f"the file is damaged or is not an {fmt.name} file: get it again"
+    )
+    raise CorruptDataFile(
+        f"{path}: record {start + record} is {char!r} (JIS 0x{char_to_jis0208(char):04X}), which "
+        f"{fmt.name} does not hold ({len(fmt.classes)} characters); {looks} from {ETL_SITE}."
+    )
 
 
 def decode_etl1c(path: Path) -> RawChunk:
@@ -355,8 +402,15 @@ def etl_tasks(
 
 
 def labels_in_files(paths: Iterable[Path], fmt: EtlFormat) -> set[str]:
-    """Every character present in the given files (reads only the label fields)."""
+    """Every character present in the given files (reads only the label fields).
+
+    Raises:
+        CorruptDataFile: a record names no character, or one the format does not hold (naming
+            the file, the record and the format it looks like).
+    """
     found: set[str] = set()
     for path in paths:
-        found.update(np.unique(etl_label(fmt, read_records(path, fmt))).tolist())
+        labels = etl_label(fmt, read_records(path, fmt))
+        _check_labels(path, fmt, labels, 0)
+        found.update(np.unique(labels).tolist())
     return found

@@ -32,6 +32,7 @@ class RawChunk:
     writers: np.ndarray  # (n,) str
     ink: Ink = "high"
     meta: dict[str, np.ndarray] = field(default_factory=dict)  # per-sample header fields
+    skipped: tuple[str, ...] = ()  # unusable samples left out, each "<file or record> (<why>)"
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -52,11 +53,13 @@ class RawChunk:
 class ChunkTask:
     """A picklable recipe for one chunk: ``load()`` runs in a worker process.
 
-    ``count`` is the exact number of samples ``load()`` returns (after keeping only the
-    requested classes), known without decoding images, so the cache can size its output
-    array up front.
+    ``count`` is the number of samples ``load()`` returns (after keeping only the requested
+    classes), known without decoding images, so the cache can size its output array up front.
+    It is exact unless ``exact`` is False: then ``load()`` may leave out samples it finds
+    unusable once decoded (blank images), naming them in :attr:`RawChunk.skipped`.
     """
 
     load: Callable[[], RawChunk]
     count: int
     description: str  # e.g. "ETL9G_01 records 0..1023"
+    exact: bool = True

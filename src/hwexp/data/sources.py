@@ -84,24 +84,24 @@ def _require_classes(source: str, classes: Sequence[str], available: Sequence[st
 
 
 def _plan_folder(classes: Sequence[str], keep: frozenset[str], options: Mapping, base: dict):
-    path = options.get("path")
-    if not path:
-        raise ConfigError("dataset=folder needs dataset.path=<directory of <character>/<image>>")
-    root = Path(path).expanduser().resolve()
+    root = folder.folder_root(options.get("path"))
     items = folder.list_folder_images(root)
     present = {char for _, char in items}
     _require_classes("folder", classes, present)
     writer_from_name = bool(options.get("writer_from_name", False))
     signature = [
-        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+        (folder.printable(str(p.relative_to(root))), p.stat().st_size, p.stat().st_mtime_ns)
         for p, char in items
         if char in keep
     ]
     description = base | {
-        "root": str(root),
+        "root": folder.printable(str(root)),
         "images": signature,
         "writer_from_name": writer_from_name,
     }
+    labels = folder.read_labels_file(root / folder.LABELS_FILE)
+    if labels:  # only then, so that the entries of folders without one keep their key
+        description["labels"] = labels
     return SourcePlan(
         "folder",
         description,
