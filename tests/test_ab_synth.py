@@ -53,3 +53,23 @@ def test_a_finished_run_is_reused_and_other_overrides_are_refused(tmp_path, monk
     with pytest.raises(SystemExit, match="other overrides"):
         ab.run_arm_seed(arm, 1, ("trainer.epochs=2",), tmp_path)
     assert json.loads((root / "arm.json").read_text()) == spec  # left as it was
+
+
+def test_proxy_figures_join_the_summary_when_every_run_has_them(monkeypatch):
+    ab = load_script("ab_synth", monkeypatch)
+    base = ab.Arm("base", ())
+
+    def with_proxy(accuracy: float, full_to_small: int) -> dict:
+        one = {"accuracy": accuracy, "full_to_small": full_to_small, "small_to_full": 1}
+        return _result(0.96, 0.84, 0.78) | {"proxy": {s: one for s in ab.PROXY_SETS}}
+
+    results = {("base", 1): with_proxy(0.9, 4), ("base", 2): with_proxy(0.8, 2)}
+    lines = ab.summary_rows([base], [1, 2], results)
+    assert "proxy etl9g" in lines[0] and "full→small" in lines[0]
+    assert (
+        "| base | 1 | 96.0 | 84.0 | 78.0 | 88.0 | 68.0 | 90.0 | 90.0 | 90.0 | 3 / 2 / 5 | 12 / 3 | 300 |"
+        in lines
+    )
+    assert lines[-1].endswith("| 85.0 | 85.0 | 85.0 |")
+    del results["base", 2]["proxy"]  # one run without the proxy: fonts only
+    assert "proxy" not in ab.summary_rows([base], [1, 2], results)[0]

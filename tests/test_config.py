@@ -74,21 +74,29 @@ def test_debug_run_is_tiny(tmp_path):
     assert cfg.workers == 1  # the debug recipe wins over config.yaml's own values
 
 
+def _synthetic(tmp_path: Path, *overrides: str) -> dict:
+    """The composed main config's ``synthetic`` block."""
+    cfg = data_config(tmp_path, *overrides, config_name="config")
+    return OmegaConf.to_container(cfg.synthetic, resolve=True)
+
+
 def test_debian_fonts_recipe_changes_only_the_font_writers(tmp_path):
     from hwexp.data.sources import renderer_settings
     from hwexp.synth.fonts import is_held_out
     from hwexp.synth.options import SynthOptions
 
-    def options(*overrides: str) -> dict:
-        cfg = data_config(tmp_path, *overrides, config_name="config")
-        return OmegaConf.to_container(cfg.synthetic, resolve=True)
-
-    default, debian = options(), options("synthetic=debian_fonts")
+    default, debian = _synthetic(tmp_path), _synthetic(tmp_path, "synthetic=debian_fonts")
     changed = {k for k in default if default[k] != debian[k]}
     assert changed == {"fonts", "font_ratio"}
     assert len(debian["fonts"]) == len(set(debian["fonts"])) == 18
     assert not any(is_held_out(f) for f in debian["fonts"])  # never train on evaluation fonts
     assert SynthOptions.from_config(renderer_settings(debian)).font_ratio == 0.3
+
+
+def test_large_synthetic_recipe_changes_only_the_writer_count(tmp_path):
+    default, large = _synthetic(tmp_path), _synthetic(tmp_path, "synthetic=large")
+    assert {k for k in default if default[k] != large[k]} == {"writers"}
+    assert large["writers"] > 5 * default["writers"]
 
 
 def test_preprocess_yaml_defaults_match_the_dataclass():
