@@ -1,30 +1,39 @@
-"""Latency of the drawing pad's ``POST /api/predict``: strokes in, top-5 out, over loopback.
+"""Latency of the drawing pad's ``POST /api/predict`` under load: strokes in, top-5 out, over
+loopback.
 
 Starts ``python -m hwexp.serve`` as a subprocess on an ephemeral 127.0.0.1 port and fires
-``--requests`` requests from this process, one at a time over one keep-alive connection (or a
-new connection each, ``--new-connections``), cycling through KanjiVG-drawn あいうえお on a
-400 px canvas (every stroke point, ~100-300 points per character). Reports client-side latency
-(request sent -> JSON answer parsed) p50/p90/p99/max and the server's own ``ms``.
+``--requests`` requests from ``--clients`` concurrent clients (threads of this process), in two
+modes: ``keepalive`` (each client keeps one connection) and ``new`` (a new TCP connection per
+request, as simple scripts and some proxies do). Requests cycle through KanjiVG-drawn あいうえお
+on a 400 px canvas (every stroke point, ~100-300 points per character). Reports per mode the
+client-side latency (request sent -> JSON answer parsed) p50/p90/p99/max, the server's own
+``ms``, throughput and errors (resets, timeouts, non-200 answers: counted, never fatal). Each
+mode stops after ``--requests`` or ``--max-seconds``, whichever comes first; requests go only to
+127.0.0.1.
 
 Model: ``--model FILE.onnx`` (or any ``hwexp.serve`` model option after ``--``); without one,
 a debug model (5 hiragana) is trained and exported into a temporary folder first (~1 min).
 
     python scripts/bench_serve.py                                  # train a debug model first
     python scripts/bench_serve.py --model outputs/exports/<run>/hiragana.onnx
+    python scripts/bench_serve.py --model m.onnx --clients 1 --mode keepalive   # one client
     python scripts/bench_serve.py -- --registered hiragana --tracking-uri sqlite:///...
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import http.client
 import json
 import os
+import platform
 import re
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,33 +109,83 @@ class NoDelayConnection(http.client.HTTPConnection):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def run(host: str, port: int, model: str, count: int, warmup: int, keepalive: bool) -> dict:
-    """Fire ``warmup`` + ``count`` requests; latency figures (ms) of the last ``count``."""
+MODES = {"keepalive": True, "new": False}
+
+
+def run(
+    host: str,
+    port: int,
+    model: str,
+    count: int,
+    warmup: int,
+    keepalive: bool,
+    clients: int = 1,
+    max_seconds: float = 60.0,
+) -> dict:
+    """Fire ``warmup`` requests, then ``count`` from ``clients`` concurrent clients (at most
+    ``max_seconds``); latency figures (ms) and errors of the ``count``."""
     requests = payloads()
     encoded = [json.dumps({**p, "model": model}).encode() for p in requests]
     headers = {"Content-Type": "application/json"}
-    connection = NoDelayConnection(host, port, timeout=30)
-    client_ms, server_ms, correct = [], [], 0
-    for i in range(warmup + count):
-        body = encoded[i % len(encoded)]
-        start = time.perf_counter()
-        connection.request("POST", "/api/predict", body, headers)
-        response = connection.getresponse()
-        answer = json.loads(response.read())
-        elapsed = (time.perf_counter() - start) * 1000.0
-        if response.status != 200:
-            raise SystemExit(f"request {i}: HTTP {response.status}: {answer}")
-        if not keepalive:
+    lock = threading.Lock()
+    issued = iter(range(warmup + count))
+    client_ms: list[float] = []
+    server_ms: list[float] = []
+    errors: collections.Counter[str] = collections.Counter()
+    correct = 0
+    start_at: list[float] = []
+    deadline = time.monotonic() + max_seconds
+
+    def client() -> None:
+        nonlocal correct
+        connection = None
+        while time.monotonic() < deadline:
+            with lock:
+                i = next(issued, None)
+                if i == warmup:
+                    start_at.append(time.perf_counter())
+            if i is None:
+                break
+            try:
+                if connection is None:
+                    connection = NoDelayConnection(host, port, timeout=30)
+                start = time.perf_counter()
+                connection.request("POST", "/api/predict", encoded[i % len(encoded)], headers)
+                response = connection.getresponse()
+                answer = json.loads(response.read())
+                elapsed = (time.perf_counter() - start) * 1000.0
+                outcome = "ok" if response.status == 200 else f"HTTP {response.status}"
+            except (OSError, http.client.HTTPException, ValueError) as error:
+                outcome, answer = type(error).__name__, None
+            if outcome != "ok" or not keepalive or response.will_close:
+                connection.close()
+                connection = None
+            if i < warmup:
+                continue
+            with lock:
+                if outcome != "ok":
+                    errors[outcome] += 1
+                    continue
+                client_ms.append(elapsed)
+                server_ms.append(answer["ms"])
+                correct += answer["candidates"][0]["char"] == CHARS[i % len(CHARS)]
+        if connection is not None:
             connection.close()
-        if i >= warmup:
-            client_ms.append(elapsed)
-            server_ms.append(answer["ms"])
-            correct += answer["candidates"][0]["char"] == CHARS[i % len(CHARS)]
-    connection.close()
-    client, server = np.array(client_ms), np.array(server_ms)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start_at[0] if start_at else float("nan")
+    done = len(client_ms) + sum(errors.values())
+    client, server = np.array(client_ms or [np.nan]), np.array(server_ms or [np.nan])
     return {
-        "requests": count,
-        "keepalive": keepalive,
+        "mode": "keepalive" if keepalive else "new",
+        "clients": clients,
+        "requests": done,
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
         "points_per_request": [sum(len(s) for s in p["strokes"]) for p in requests],
         "client_ms": {
             q: round(float(np.percentile(client, int(q[1:]))), 2) for q in ("p50", "p90", "p99")
@@ -135,40 +194,64 @@ def run(host: str, port: int, model: str, count: int, warmup: int, keepalive: bo
         "server_ms": {
             q: round(float(np.percentile(server, int(q[1:]))), 2) for q in ("p50", "p99")
         },
-        "requests_per_s": round(1000.0 / float(client.mean()), 1),
-        "top1_correct": correct / count,
+        "requests_per_s": round(done / wall, 1),
+        "top1_correct": round(correct / max(1, len(client_ms)), 3),
+    }
+
+
+def machine() -> dict:
+    """The CPU this ran on and how busy it was: the figures depend on both."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((n.split(":", 1)[1].strip() for n in names if n.startswith("model name")), None)
+    return {
+        "cpu": model or platform.processor() or "unknown",
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="an exported .onnx (default: train a debug model)")
-    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=800, help="per mode (default 800)")
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
+    parser.add_argument("--mode", choices=[*MODES, "both"], default="both")
     parser.add_argument(
-        "--new-connections",
-        action="store_true",
-        help="a new TCP connection per request (default: one keep-alive)",
+        "--max-seconds", type=float, default=30.0, help="per mode, warm-up included (30)"
     )
     parser.add_argument("serve_args", nargs="*", help="hwexp.serve model options, after --")
     args = parser.parse_args(argv)
+    modes = list(MODES) if args.mode == "both" else [args.mode]
     with tempfile.TemporaryDirectory(prefix="hwexp-bench-serve-") as tmp:
         model_args = list(args.serve_args)
         if args.model:
             model_args += ["--model", args.model]
         if not model_args:
             model_args = ["--model", str(debug_model(Path(tmp)))]
+        report = {"machine": machine()}
         process, host, port = start_server(model_args)
         try:
             connection = http.client.HTTPConnection(host, port, timeout=30)
             connection.request("GET", "/api/models")
-            model = json.loads(connection.getresponse().read())["default"]
+            report["model"] = json.loads(connection.getresponse().read())["default"]
             connection.close()
-            result = run(host, port, model, args.requests, args.warmup, not args.new_connections)
+            for mode in modes:
+                report[mode] = run(
+                    host,
+                    port,
+                    report["model"],
+                    args.requests,
+                    args.warmup,
+                    MODES[mode],
+                    args.clients,
+                    args.max_seconds,
+                )
         finally:
             process.terminate()
             process.wait(10)
-    print(json.dumps({"model": model, **result}, indent=2))
+    print(json.dumps(report, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from data_config import data_config
 from hwexp import CONF_DIR
+from hwexp.config_check import MODEL_OPTIONS, OPTIONS, InvalidOptions, check_config
 from hwexp.data.dataset import class_set_of, dataset_sources
 from hwexp.data.preprocess import PreprocessOptions
 
@@ -36,6 +37,7 @@ def test_every_dataset_model_augment_combination_composes(tmp_path, dataset, mod
     assert resolved["augment"]["enabled"] is (augment == "on")
     assert dataset_sources(cfg.dataset)
     PreprocessOptions.from_config(resolved["preprocess"])
+    check_config(cfg)  # every shipped combination passes the option table
     if cfg.dataset.classes != "auto":
         assert len(class_set_of(cfg.dataset)[0]) >= 10
 
@@ -54,6 +56,7 @@ def test_real_dataset_keeps_its_source_on_the_default_config(tmp_path):
 @pytest.mark.parametrize("experiment", GROUPS["experiment"])
 def test_article_recipes(tmp_path, experiment):
     cfg = data_config(tmp_path, f"experiment={experiment}", config_name="config")
+    check_config(cfg)
     assert cfg.model.name == "article"
     assert cfg.preprocess.size == 48
     assert cfg.trainer.optimizer == "adam"
@@ -112,3 +115,105 @@ def test_a_run_prepared_before_the_size_reference_keeps_its_preprocessing():
     old["min_crop"] = 0.55
     legacy = PreprocessOptions.from_config(old)
     assert (legacy.size_reference, legacy.reference_fill, legacy.min_crop) == ("cell", 1.0, 0.55)
+
+
+@pytest.mark.parametrize(
+    "recipe", ["debug=default", "hparams_search=debug", "synthetic=debian_fonts"]
+)
+def test_recipes_pass_the_option_table(tmp_path, recipe):
+    check_config(data_config(tmp_path, recipe, config_name="config"))
+
+
+def test_the_option_table_knows_every_key_of_the_config_files_and_no_other():
+    """The table and conf/ agree: every key of a group's YAML has a rule (so nothing shipped is
+    refused as unknown), and every rule is for a key of some YAML or one the code reads."""
+    from hwexp.data.sources import SYNTHETIC_DATA_KEYS
+
+    groups = ("trainer", "augment", "callbacks", "tracking", "split", "paths", "dataset")
+    in_files = set()
+    for group in groups:
+        for path in (Path(CONF_DIR) / group).glob("*.yaml"):
+            body = OmegaConf.to_container(OmegaConf.load(path))
+            body = body.get(group, body)  # @package _global_ files nest their group
+            in_files |= {f"{group}.{key}" for key in _dotted(body, group == "callbacks")}
+    assert in_files <= set(OPTIONS)
+    read_by_code = {"dataset.limit_classes"}  # set by recipes and the command line
+    assert {k for k in OPTIONS if k.split(".")[0] in groups} - in_files == read_by_code
+    synthetic = {k.split(".", 1)[1] for k in OPTIONS if k.startswith("synthetic.")}
+    assert synthetic == set(SYNTHETIC_DATA_KEYS)
+    for path in (Path(CONF_DIR) / "model").glob("*.yaml"):
+        body = OmegaConf.to_container(OmegaConf.load(path))
+        assert set(body) - {"name"} == set(MODEL_OPTIONS[body["name"]]), path.name
+
+
+def _dotted(body: dict, nested: bool, prefix: str = "") -> list[str]:
+    """The keys of a YAML body (``nested``: its blocks' keys, ``block.key``), not defaults."""
+    keys = []
+    for key, value in body.items():
+        if isinstance(value, dict) and nested and not prefix:
+            keys += _dotted(value, nested, f"{key}.")
+        elif key != "defaults":
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+BAD_OPTIONS = {  # override -> the one error line's start
+    "model.activation=foo": "model.activation=foo: one of celu | elu",
+    "trainer.batch_size=0": "trainer.batch_size=0: an integer >= 1",
+    "trainer.optimizer=foo": "trainer.optimizer=foo: one of adam | adamw | sgd",
+    "seed=abc": "seed=abc: an integer >= 0",
+    "+synthetic.foo=1": "synthetic.foo=1: unknown option; known: aspect, background",
+    "trainer.lr=-1": "trainer.lr=-1: a number > 0",
+    "+dataset.limt_classes=5": (
+        "dataset.limt_classes=5: unknown option (did you mean limit_classes?); known: classes, "
+        "limit_classes, name, path, source, weights, writer_from_name"
+    ),
+    "trainer.epochs=0": "trainer.epochs=0: an integer >= 1",
+    "synthetic.canvas_size=8": "synthetic.canvas_size=8: choose between 16 and 1024",
+    "preprocess.size=abc": "preprocess.size=abc: an integer",
+    "dataset.source=foo": "dataset.source=foo: one of etl1c",
+    "optimized_metric=val/acc": "optimized_metric=val/acc: one of val/accuracy",
+    "model=article": None,  # valid
+}
+
+
+@pytest.mark.parametrize("override, expected", BAD_OPTIONS.items(), ids=list(BAD_OPTIONS))
+def test_bad_options_are_refused_one_line_each_before_any_work(
+    tmp_path, monkeypatch, override, expected
+):
+    """``run_training`` checks every option first: one problem naming the option, the value and
+    what is allowed, before any data is prepared or an MLflow store is touched (the command
+    line's ``error:`` line and exit status: test_main.py)."""
+    from hwexp.__main__ import run_training
+
+    monkeypatch.setattr("hwexp.data.dataset.load_splits", _stop_here)
+    cfg = data_config(tmp_path, override, config_name="config")
+    if expected is None:  # a valid option passes the check and reaches the data layer
+        with pytest.raises(_Reached):
+            run_training(cfg)
+        return
+    with pytest.raises(InvalidOptions) as refused:
+        run_training(cfg)
+    (problem,) = refused.value.problems
+    assert problem.startswith(expected), problem
+    assert str(refused.value) == problem
+    assert list(tmp_path.iterdir()) == []  # no data, no mlruns
+
+
+def test_every_problem_is_one_error_line_also_after_pickling():
+    import pickle
+
+    error = InvalidOptions(["trainer.lr=-1: a number > 0", "seed=abc: an integer >= 0"])
+    for sent in (error, pickle.loads(pickle.dumps(error))):  # trials in joblib workers
+        assert f"error: {sent}".splitlines() == [
+            "error: trainer.lr=-1: a number > 0",
+            "error: seed=abc: an integer >= 0",
+        ]
+
+
+class _Reached(Exception):
+    pass
+
+
+def _stop_here(*args, **kwargs):
+    raise _Reached

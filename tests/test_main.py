@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -114,3 +115,76 @@ def test_mlflow_ui_on_the_store_lists_the_run(debug_run):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_bad_option_is_one_error_line_and_exit_1_with_no_run(tmp_path):
+    result = run_module(tmp_path, "hwexp", "trainer.epochs=0", "+dataset.limt_classes=5")
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [
+        "error: dataset.limt_classes=5: unknown option (did you mean limit_classes?); known: "
+        "classes, limit_classes, name, path, source, weights, writer_from_name",
+        "error: trainer.epochs=0: an integer >= 1",
+    ]
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]  # no data, no mlruns
+
+
+def test_a_training_killed_with_sigkill_is_failed_by_the_next_lookup_and_never_selected(tmp_path):
+    from hwexp.track import (
+        ERROR_TAG,
+        HAS_MODEL_TAG,
+        PROCESS_TAG,
+        RunNotFound,
+        Tracker,
+        find_run,
+    )
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hwexp",
+            "debug=default",
+            "trainer.epochs=1000",
+            "trainer.verbose=0",
+            "callbacks.early_stopping.enabled=false",
+        ],
+        env=os.environ | {"HWEXP_ROOT": str(tmp_path)},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+        killed = None
+        deadline = time.monotonic() + 300
+        while killed is None and time.monotonic() < deadline:
+            assert process.poll() is None, "the training ended by itself"
+            time.sleep(1)
+            experiment = client.get_experiment_by_name("hwexp-debug")
+            if experiment is None:
+                continue
+            runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+            killed = next((r.info.run_id for r in runs if PROCESS_TAG in r.data.tags), None)
+        assert killed is not None, "no training run with a heartbeat appeared"
+        # The worst moment to die: model and metrics logged, the run not yet ended.
+        client.log_metric(killed, "test/accuracy", 0.99)
+        client.set_tag(killed, HAS_MODEL_TAG, "true")
+        with Tracker.start("hwexp-debug", mlruns_dir=tmp_path / "mlruns") as finished:
+            finished.log_metrics({"test/accuracy": 0.5})
+            finished.set_tags({HAS_MODEL_TAG: "true"})
+        assert find_run(client, "best", "hwexp-debug") == finished.run_id  # RUNNING: not chosen
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+        assert not os.path.exists(f"/proc/{process.pid}")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    assert client.get_run(killed).info.status == "RUNNING"  # nothing has looked yet
+    assert find_run(client, "best", "hwexp-debug") == finished.run_id
+    run = client.get_run(killed)
+    assert run.info.status == "FAILED" and "is gone" in run.data.tags[ERROR_TAG]
+    with pytest.raises(RunNotFound, match=f"run {killed} is FAILED"):
+        find_run(client, killed)

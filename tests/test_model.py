@@ -162,3 +162,12 @@ def test_mixed_precision_keeps_softmax_float32_and_restores_policy() -> None:
     assert model.get_layer("b1_1_conv").compute_dtype == "float16"
     assert model.get_layer("probabilities").compute_dtype == "float32"
     assert np.asarray(model(batch()[0], training=False)).dtype == np.float32
+
+
+def test_every_activation_the_option_table_offers_is_a_keras_activation() -> None:
+    from hwexp.config_check import ACTIVATIONS, MODEL_OPTIONS
+    from hwexp.model import BODIES
+
+    for name in ACTIVATIONS:
+        assert callable(keras.activations.get(name)), name
+    assert set(MODEL_OPTIONS) == set(BODIES)

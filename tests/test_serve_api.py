@@ -11,11 +11,14 @@ import dataclasses
 import http.client
 import io
 import json
+import logging
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -362,7 +365,7 @@ BAD_REQUESTS = {
     "json array": ([1, 2], 400, "must be a JSON object"),
     "nan": (b'{"strokes": [[[NaN, 1]]], "width": 9, "height": 9}', 400, "NaN is not a number"),
     "not utf-8": (b"\xff\xfe\x00garbage", 400, "not valid JSON"),
-    "not an image": ({"image": base64.b64encode(b"hello").decode()}, 400, "not an image"),
+    "not an image": ({"image": base64.b64encode(b"hello").decode()}, 400, "not a PNG, JPEG"),
     "not base64": ({"image": "@@not base64@@"}, 400, "not valid base64"),
     "image not a string": ({"image": 5}, 400, "'image' must be a base64 string"),
     "blank image": ({"image": BLANK_PNG}, 422, "empty drawing"),
@@ -459,3 +462,146 @@ def test_command_line_reports_what_cannot_be_loaded(tmp_path, capsys):
     assert "no model file" in capsys.readouterr().err
     assert serve_main(["--tracking-uri", f"sqlite:///{tmp_path}/empty.db", "--port", "0"]) == 1
     assert "no registered model with an ONNX export" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- under load
+
+
+class FixedSession:
+    """An ONNX session stand-in: the same probabilities for any input (no model to train)."""
+
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        assert feeds[INPUT_NAME].shape == (1, 48, 48, 1)
+        return [np.array([[0.7, 0.2, 0.1]], np.float32)]
+
+
+@pytest.fixture(scope="module")
+def light_server() -> Iterator[tuple[str, int]]:
+    """A server whose model needs no training: the real input handling, fixed answers."""
+    fixed = ServedModel("fixed", ("あ", "い", "う"), PreprocessOptions(), "test", FixedSession())
+    with running_server([fixed]) as address:
+        yield address
+
+
+def raw_exchange(address: tuple[str, int], data: bytes, shut: bool = False) -> tuple[str, float]:
+    """Send ``data`` on a new connection (then half-close it if ``shut``); the whole reply
+    (until the server closes) and the seconds it took."""
+    start = time.monotonic()
+    with socket.create_connection(address, timeout=20) as sock:
+        sock.sendall(data)
+        if shut:
+            sock.shutdown(socket.SHUT_WR)
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    return reply.decode("utf-8", "replace"), time.monotonic() - start
+
+
+def test_the_listen_backlog_takes_a_burst_of_connections():
+    """64 clients connecting at once to a server that has not accepted yet all get in (the
+    standard library's backlog of 5 dropped their SYNs: ~1 s retries, resets)."""
+    fixed = ServedModel("fixed", ("あ",), PreprocessOptions(), "test", FixedSession())
+    server = make_server([fixed], "127.0.0.1", 0)
+    clients = []
+    try:
+        for _ in range(64):
+            clients.append(socket.create_connection(server.server_address[:2], timeout=0.5))
+        assert len(clients) == 64
+    finally:
+        for client in clients:
+            client.close()
+        server.server_close()
+
+
+def test_deeply_nested_json_is_a_400_not_a_server_error(light_server):
+    status, answer = request(light_server, "POST", "/api/predict", b"[" * 200_000)
+    assert status == 400 and "nested too deeply" in answer["error"]
+    assert request(light_server, "GET", "/api/models")[0] == 200
+
+
+def test_a_huge_picture_is_refused_from_its_header_before_decoding(light_server):
+    huge = Image.new("L", (4096, 4096), 255)
+    status, answer = request(light_server, "POST", "/api/predict", {"image": png_base64(huge)})
+    assert status == 400 and "4096x4096 pixels; at most 1048576" in answer["error"]
+    # The header says the size: refused with no pixel data at all (decoding it would fail).
+    buffer = io.BytesIO()
+    Image.new("L", (4096, 4096)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    header_only = base64.b64encode(data[: data.index(b"IDAT") + 8]).decode()
+    status, answer = request(light_server, "POST", "/api/predict", {"image": header_only})
+    assert status == 400 and "4096x4096 pixels" in answer["error"]
+    # A large JPEG (a phone photo) is decoded at a fraction of its size instead.
+    photo = drawn_picture("あ", 3000, ink=0, paper=255).convert("RGB")
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=80)
+    payload = {"image": base64.b64encode(buffer.getvalue()).decode()}
+    assert request(light_server, "POST", "/api/predict", payload)[0] == 200
+
+
+def test_an_undecodable_image_says_what_it_is_not(light_server):
+    for data, message in (
+        (b"hello, world", "'image' is not a PNG, JPEG, BMP, GIF or WebP image"),
+        (base64.b64decode(BLANK_PNG)[:60], "'image' is a PNG image that cannot be decoded"),
+    ):
+        payload = {"image": base64.b64encode(data).decode()}
+        status, answer = request(light_server, "POST", "/api/predict", payload)
+        assert status == 400 and answer["error"].startswith(message), answer
+        assert "BytesIO" not in answer["error"] and "0x" not in answer["error"]
+
+
+def test_a_lying_content_length_is_answered_408_within_the_body_time_limit(
+    light_server, monkeypatch
+):
+    from hwexp.serve import app
+
+    assert app.BODY_TIMEOUT_S <= 5
+    monkeypatch.setattr(app, "BODY_TIMEOUT_S", 0.5)
+    head = b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    reply, seconds = raw_exchange(light_server, head + b'{"strokes": ')
+    assert reply.startswith("HTTP/1.1 408") and "12 of the 100 bytes" in reply
+    assert "Connection: close" in reply and seconds < 5
+    reply, _ = raw_exchange(light_server, head + b'{"strokes": ', shut=True)  # it stops early
+    assert reply.startswith("HTTP/1.1 400") and "ended after 12 of the 100 bytes" in reply
+
+
+@pytest.mark.parametrize("lengths", [["2", "2"], ["2", "3"], ["+2"], ["2_0"], ["0x2"], ["2, 2"]])
+def test_a_content_length_that_is_not_one_number_is_refused(light_server, lengths):
+    fields = "".join(f"Content-Length: {value}\r\n" for value in lengths)
+    data = f"POST /api/predict HTTP/1.1\r\nHost: x\r\n{fields}\r\n{{}}".encode()
+    reply, _ = raw_exchange(light_server, data)
+    assert reply.startswith("HTTP/1.1 400") and "bad Content-Length" in reply
+    assert "Connection: close" in reply
+
+
+def test_a_client_that_goes_away_costs_one_log_line_not_a_traceback(light_server, caplog, capfd):
+    caplog.set_level(logging.INFO, logger="hwexp.serve.app")
+    body = json.dumps(_strokes()).encode()
+    head = f"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    for data in (b"", head.encode() + body, head.encode()):  # idle, all sent, body missing
+        sock = socket.create_connection(light_server, timeout=10)
+        sock.sendall(data)
+        time.sleep(0.1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # with a reset, as a crashed client or a dropped network would
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(_went_away(caplog)) < 2:
+        time.sleep(0.05)
+    assert request(light_server, "GET", "/api/models")[0] == 200
+    went_away = _went_away(caplog)
+    assert 2 <= len(went_away) <= 3 and all("\n" not in r.getMessage() for r in went_away)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def _went_away(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "went away" in r.getMessage()]
+
+
+@pytest.mark.parametrize("stroke", [[[200, 200]], [[200, 200], [201, 200]]], ids=["dot", "1px"])
+def test_a_dot_or_a_very_short_stroke_is_drawn_and_recognised(light_server, stroke):
+    payload = {"strokes": [stroke], "width": CANVAS, "height": CANVAS}
+    status, answer = request(light_server, "POST", "/api/predict", payload)
+    assert status == 200, answer
+    assert answer["candidates"][0] == {"char": "あ", "probability": 0.7}
+    shown = decode_png(answer["input_png"])
+    ink = np.argwhere(shown > 0)
+    assert shown.max() == 255 and 1 <= len(ink) <= 25  # a dot ...
+    assert np.abs(ink.mean(axis=0) - 23.5).max() < 3  # ... in the middle

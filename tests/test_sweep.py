@@ -191,22 +191,36 @@ def test_parallel_trials_with_joblib_record_a_failing_trial_and_go_on(tmp_path) 
     assert TrialCounts.of(trials) == TrialCounts(complete=3, errors=1)
     (failed,) = [t for t in trials if t.state == TrialState.FAIL]
     assert failed.params["trainer.optimizer"] == "bogus"
-    assert "unknown optimizer 'bogus'" in failed.user_attrs[ERROR_ATTR]
+    refused = "InvalidOptions: trainer.optimizer=bogus: one of adam | adamw | sgd"
+    assert failed.user_attrs[ERROR_ATTR] == refused  # checked before any work: no MLflow run
+    assert MLFLOW_RUN_ATTR not in failed.user_attrs
     for trial in trials:
         if trial.state == TrialState.COMPLETE:  # reported from the joblib worker processes
             assert sorted(trial.intermediate_values) == [1, 2]
             assert trial.value == pytest.approx(max(trial.intermediate_values.values()))
     _, children, _ = parent_and_children(tmp_path)
-    failed_run = [r for r in children if r.info.run_id == failed.user_attrs[MLFLOW_RUN_ATTR]]
-    assert failed_run[0].info.status == "FAILED"
-    assert failed_run[0].data.tags["hwexp.trial_state"] == "FAIL"
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
 
     # One more trial, now with no failure allowed: the sweep stops at once, with the last error.
     no_failures = ["hydra.sweeper.n_trials=4", "hydra.sweeper.max_failure_rate=0"]
     aborted = run_sweep(tmp_path, *overrides, *no_failures)
     assert aborted.returncode != 0
-    assert "unknown optimizer 'bogus'" in aborted.stderr
+    assert refused in aborted.stderr
     assert len(load_study(storage).trials) == len(trials)
+
+
+def test_a_bad_shared_option_ends_the_sweep_before_its_study_exists(tmp_path) -> None:
+    result = run_sweep(tmp_path, "trainer.batch_size=0", "+dataset.limt_classes=5")
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [
+        "error: dataset.limt_classes=5: unknown option (did you mean limit_classes?); known: "
+        "classes, limit_classes, name, path, source, weights, writer_from_name",
+        "error: trainer.batch_size=0: an integer >= 1",
+    ]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlruns" / "optuna.db").exists()  # no study
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # no parent run
 
 
 # --------------------------------------------------------------------------- PostgreSQL

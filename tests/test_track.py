@@ -4,6 +4,11 @@ from __future__ import annotations  # noqa: I001 (_train_helpers must precede ke
 
 from _train_helpers import CLASSES, glyph_splits, tiny_config
 
+import json
+import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import keras
@@ -12,7 +17,15 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from hwexp import track
-from hwexp.track import Tracker, default_tracking_uri, flatten_config, pair_text
+from hwexp.liveness import identity_alive, process_identity
+from hwexp.track import (
+    HEARTBEAT_TAG,
+    PROCESS_TAG,
+    Tracker,
+    default_tracking_uri,
+    flatten_config,
+    pair_text,
+)
 from hwexp.train import train_and_evaluate
 
 # TensorFlow's EagerTensor.__array__ predates numpy 2's copy keyword; Keras triggers it.
@@ -191,3 +204,81 @@ def test_misclassified_grid_shows_each_error_with_its_caption() -> None:
     assert (captions < 128).mean() > 0.02  # text under the tiles
     empty = np.asarray(track.misclassified_grid(report, np.array([], np.int64)))
     assert empty.min() < 64 and empty.max() == 255  # the "no misclassified samples" note
+
+
+# --------------------------------------------------------------------------- run states
+
+
+def sleeper() -> subprocess.Popen:
+    return subprocess.Popen(["sleep", "60"])
+
+
+def test_process_identity_tells_live_dead_zombie_and_reused_pids_apart() -> None:
+    assert identity_alive(process_identity()) is True
+    child = sleeper()
+    identity = process_identity(child.pid)
+    assert identity_alive(identity) is True
+    child.kill()
+    deadline = time.monotonic() + 10
+    while identity_alive(identity) and time.monotonic() < deadline:  # a zombie until reaped
+        time.sleep(0.05)
+    assert identity_alive(identity) is False
+    assert child.wait(10) == -signal.SIGKILL and not Path(f"/proc/{child.pid}").exists()
+    assert identity_alive(identity) is False
+    reused = json.loads(process_identity())
+    reused["start"] = "another-boot:1"  # this pid, but not the process recorded
+    assert identity_alive(json.dumps(reused)) is False
+    elsewhere = {**json.loads(process_identity()), "host": "another-host"}
+    assert identity_alive(json.dumps(elsewhere)) is None
+    assert identity_alive("not json") is None
+
+
+def test_runs_whose_process_is_gone_are_failed_and_live_ones_kept(tmp_path) -> None:
+    mlruns = tmp_path / "mlruns"
+    client = MlflowClient(default_tracking_uri(mlruns))
+    child = sleeper()
+    dead_here = process_identity(child.pid)
+    child.kill()
+    assert child.wait(10) == -signal.SIGKILL and not Path(f"/proc/{child.pid}").exists()
+    remote = json.dumps({"host": "another-host", "pid": 1, "start": "b:1"})
+    now = time.time()
+    beats = {
+        "dead here": {PROCESS_TAG: dead_here, HEARTBEAT_TAG: f"{now:.0f}"},
+        "silent elsewhere": {PROCESS_TAG: remote, HEARTBEAT_TAG: f"{now - 1000:.0f}"},
+        "beating elsewhere": {PROCESS_TAG: remote, HEARTBEAT_TAG: f"{now - 10:.0f}"},
+        "no heartbeat": {},
+    }
+    runs = {}
+    for name, tags in beats.items():
+        runs[name] = Tracker.start("states", mlruns_dir=mlruns, run_name=name, tags=tags)
+    with Tracker.start("states", mlruns_dir=mlruns, run_name="alive") as alive, alive.heartbeat():
+        tags = client.get_run(alive.run_id).data.tags
+        assert identity_alive(tags[PROCESS_TAG]) and float(tags[HEARTBEAT_TAG]) >= now - 1
+        failed = track.fail_orphaned_runs(client, [alive.experiment_id])
+        assert sorted(failed) == sorted([runs["dead here"].run_id, runs["silent elsewhere"].run_id])
+        assert client.get_run(alive.run_id).info.status == "RUNNING"
+    status = {name: client.get_run(t.run_id).info.status for name, t in runs.items()}
+    assert status == {
+        "dead here": "FAILED",
+        "silent elsewhere": "FAILED",
+        "beating elsewhere": "RUNNING",
+        "no heartbeat": "RUNNING",
+    }
+    error = client.get_run(runs["silent elsewhere"].run_id).data.tags[track.ERROR_TAG]
+    assert re.search(r"sent no heartbeat for 10\d\d s", error), error
+    assert client.get_run(alive.run_id).info.status == "FINISHED"
+
+
+def test_find_run_never_names_a_run_that_is_not_finished(tmp_path) -> None:
+    mlruns = tmp_path / "mlruns"
+    client = MlflowClient(default_tracking_uri(mlruns))
+    running = Tracker.start("select", mlruns_dir=mlruns)
+    running.set_tags({track.HAS_MODEL_TAG: "true"})
+    running.log_metrics({"test/accuracy": 0.9})
+    with pytest.raises(track.RunNotFound, match="is RUNNING .it is still training"):
+        track.find_run(client, running.run_id)
+    with pytest.raises(track.RunNotFound, match="no finished run with a model"):
+        track.find_run(client, "best", "select")
+    running.end("KILLED")
+    with pytest.raises(track.RunNotFound, match="is KILLED"):
+        track.find_run(client, running.run_id, option="trainer.init_from")

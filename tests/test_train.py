@@ -265,3 +265,18 @@ def test_evaluate_keeps_top_k_in_split_order() -> None:
     )
     assert report.top_k.shape == (40, 4)
     assert (np.diff(report.top_k_probs, axis=1) <= 0).all()  # best first
+
+
+def test_no_epoch_trained_fails_the_run_before_anything_counts_as_a_result(tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    from hwexp.data.errors import ConfigError
+    from hwexp.track import HAS_MODEL_TAG, Tracker, default_tracking_uri
+
+    cfg = tiny_config("article", mlruns_dir=tmp_path / "mlruns", **{"trainer.epochs": 0})
+    tracker = Tracker.from_config(cfg.tracking)
+    with pytest.raises(ConfigError, match="no epoch was trained"), tracker:
+        train_and_evaluate(glyph_splits(), cfg, tracker)
+    run = MlflowClient(default_tracking_uri(tmp_path / "mlruns")).get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert HAS_MODEL_TAG not in run.data.tags and "test/accuracy" not in run.data.metrics

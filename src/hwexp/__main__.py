@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from hwexp import CONF_DIR
-from hwexp.data.errors import DataError
+from hwexp.data.errors import ConfigError, DataError
 
 log = logging.getLogger("hwexp")
 
@@ -20,28 +20,34 @@ log = logging.getLogger("hwexp")
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Prepare ``cfg.dataset``, train ``cfg.model`` on it and return the test/val metrics.
 
-    With ``trainer.init_from`` set, its run is loaded before an MLflow run is started, so a bad
-    reference (a ``ConfigError``) leaves no run behind.
+    Every option is checked first (``hwexp.config_check``: ``InvalidOptions``), before any data
+    is prepared or any MLflow run is started. With ``trainer.init_from`` set, its run is loaded
+    before an MLflow run is started, so a bad reference (a ``ConfigError``) leaves no run
+    behind. The run keeps a heartbeat while it trains, and runs of its experiment whose process
+    died are marked FAILED when it starts (``hwexp.track.fail_orphaned_runs``).
 
     Data is prepared before TensorFlow is imported, so data workers can be forked cheaply.
     With a ``sweep_trial`` block (set by ``hydra/sweeper=hwexp_optuna``) this is one trial of an
     Optuna study: see ``hwexp.sweep.run_trial``.
     """
+    from hwexp.config_check import check_config
     from hwexp.data.dataset import load_splits
 
+    check_config(cfg)
     splits = load_splits(cfg)
     if cfg.get("sweep_trial") is not None:
         from hwexp.sweep import run_trial
 
         return run_trial(splits, cfg)
-    from hwexp.track import Tracker, default_tracking_uri
+    from hwexp.track import Tracker, default_tracking_uri, fail_orphaned_runs
     from hwexp.train import load_init_source, train_and_evaluate
 
     init = load_init_source(cfg)  # a bad trainer.init_from fails here, before a run is started
     tracker = Tracker.from_config(cfg.tracking)
     if tracker is None:
         return train_and_evaluate(splits, cfg, init=init)
-    with tracker:
+    with tracker, tracker.heartbeat():
+        fail_orphaned_runs(tracker.client, [tracker.experiment_id])
         metrics = train_and_evaluate(splits, cfg, tracker, init=init)
     uri = cfg.tracking.uri or default_tracking_uri(cfg.tracking.mlruns_dir)
     print(_summary(splits.name, metrics, tracker.run_id, uri))
@@ -65,15 +71,22 @@ def _summary(dataset: str, metrics: dict[str, float], run_id: str, uri: str) -> 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """Hydra task: train once; the return value is what sweeps optimise."""
+    """Hydra task: train once; the return value is what sweeps optimise.
+
+    A data or option error is printed as ``error: ...`` lines and exits with status 1; in a
+    sweep's trial it is raised instead, so that the sweeper records it as the trial's error
+    (``SystemExit`` would end the whole sweep).
+    """
     try:
         metrics = run_training(cfg)
+        name = cfg.optimized_metric
+        if name not in metrics:
+            raise ConfigError(f"optimized_metric={name}: not among the metrics {sorted(metrics)}")
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
+        if cfg.get("sweep_trial") is not None:
+            raise
         raise SystemExit(1) from None
-    name = cfg.optimized_metric
-    if name not in metrics:
-        raise KeyError(f"optimized_metric={name!r} is not among the metrics {sorted(metrics)}")
     return float(metrics[name])
 
 

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import logging
 import math
 import re
-import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -44,6 +44,8 @@ import sqlalchemy.exc
 from omegaconf import DictConfig, OmegaConf
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
+
+from hwexp import liveness
 
 if TYPE_CHECKING:
     from hwexp.data.dataset import PreparedSplits
@@ -167,38 +169,17 @@ def trial_id(trial: FrozenTrial | optuna.Trial) -> int:
     return trial._trial_id
 
 
-class Heartbeat:
+class Heartbeat(liveness.Heartbeat):
     """While the ``with`` block runs, record the heartbeat of trial ``trial_id`` in ``storage``
     every heartbeat interval (from a daemon thread), so that other workers can tell a live
     trial from one whose process died. Does nothing when the storage has no interval."""
 
     def __init__(self, storage: RDBStorage, trial_id: int) -> None:
-        self.storage = storage
-        self.trial_id = trial_id
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> Heartbeat:
-        interval = self.storage.get_heartbeat_interval()
-        if interval:
-            self.storage.record_heartbeat(self.trial_id)
-            self._thread = threading.Thread(
-                target=self._beat, args=(interval,), name=f"heartbeat-{self.trial_id}", daemon=True
-            )
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _beat(self, interval: int) -> None:
-        while not self._stop.wait(interval):
-            try:
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception as error:  # a missed beat is not worth killing the trial
-                log.warning("heartbeat of trial id %s not recorded: %s", self.trial_id, error)
+        super().__init__(
+            functools.partial(storage.record_heartbeat, trial_id),
+            storage.get_heartbeat_interval(),
+            name=f"heartbeat of trial id {trial_id}",
+        )
 
 
 # --------------------------------------------------------------------------- states
@@ -374,7 +355,8 @@ def run_trial(splits: PreparedSplits, cfg: DictConfig) -> dict[str, float]:
     """Train trial ``cfg.sweep_trial`` of a study on ``splits`` and return its metrics.
 
     Logs a child run of the study's parent run (when tracking is enabled) and stores its id in
-    the trial (user attr ``mlflow_run_id``); sends the trial's heartbeat while training.
+    the trial (user attr ``mlflow_run_id``); sends the trial's heartbeat (to the study) and the
+    run's (``Tracker.heartbeat``) while training.
     Raises ``optuna.TrialPruned`` when pruned (the child run, with its curves so far, ends
     KILLED) and re-raises any other error after recording it in the trial (user attr ``error``),
     since the exception itself may not survive the trip back to the sweeper.
@@ -388,7 +370,10 @@ def run_trial(splits: PreparedSplits, cfg: DictConfig) -> dict[str, float]:
         try:
             tracker = _trial_run(ref, trial, cfg.tracking)
             hook = PruningHook(trial, ref.monitor)
-            with tracker if tracker is not None else contextlib.nullcontext():
+            with contextlib.ExitStack() as stack:
+                if tracker is not None:  # the run's own heartbeat: see hwexp.track
+                    stack.enter_context(tracker)
+                    stack.enter_context(tracker.heartbeat())
                 return _train(splits, cfg, tracker, hook)
         except optuna.TrialPruned:
             raise

@@ -18,6 +18,15 @@ What a run holds once ``hwexp.train.train_and_evaluate`` is done with it:
   ``learning_rate``, ...; step = completed epochs) and summary metrics (``test/accuracy``, ...);
 * artifacts: ``config.yaml``, ``model/model.keras`` + ``model/classes.txt``,
   ``evaluation/*.csv|md|png``, ``training/history.csv`` and ``training/curves.png``.
+
+Run states: a training run is RUNNING while its process trains it, with a heartbeat (tags
+``hwexp.process``: host, pid and start time of that process, and ``hwexp.heartbeat``: the time
+of its last beat, every 30 s; see ``Tracker.heartbeat``). It ends FINISHED once the model is
+trained, evaluated and saved (``hwexp.has_model=true`` is the last thing logged), FAILED on an
+error and KILLED on Ctrl-C. A run whose process died without ending it (SIGKILL, a crash, a lost
+machine) is marked FAILED (tag ``hwexp.error``) by the next lookup (``find_run``) or training
+start in its experiment: on the same host as soon as the process is gone, elsewhere once its
+heartbeat is 5 minutes old (``fail_orphaned_runs``). Only FINISHED runs are ever selected.
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ from mlflow.utils.validation import (
 )
 from omegaconf import DictConfig, OmegaConf
 
+from hwexp.liveness import Heartbeat, identity_alive, process_identity
+
 if TYPE_CHECKING:
     from matplotlib.font_manager import FontProperties
 
@@ -64,6 +75,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "hwexp"
 HAS_MODEL_TAG = "hwexp.has_model"  # set once a run's model artifact is complete
+PROCESS_TAG = "hwexp.process"  # on a training run: JSON host, pid, start of its process
+HEARTBEAT_TAG = "hwexp.heartbeat"  # on a training run: unix time of its process's last beat
+ERROR_TAG = "hwexp.error"  # why a run FAILED, when hwexp ended it for its process
+HEARTBEAT_INTERVAL_S = 30.0
+HEARTBEAT_STALE_S = 300.0  # a RUNNING run on another host without a beat this long is dead
 _INVALID_KEY_CHARS = re.compile(r"[^\w\-./ ]")  # MLflow also allows ":", but not on Windows
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
 
@@ -336,6 +352,18 @@ class Tracker:
         else:
             self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
 
+    def heartbeat(self, interval_s: float = HEARTBEAT_INTERVAL_S) -> Heartbeat:
+        """A context manager that marks this run as trained by this process: tags
+        ``hwexp.process`` (host, pid, start time) and ``hwexp.heartbeat`` (now), set on entry
+        and every ``interval_s`` seconds until exit. Without it, a run whose process dies stays
+        RUNNING; with it, ``fail_orphaned_runs`` can end such a run FAILED."""
+        identity = process_identity()
+
+        def beat() -> None:
+            self.set_tags({PROCESS_TAG: identity, HEARTBEAT_TAG: f"{time.time():.0f}"})
+
+        return Heartbeat(beat, interval_s, name=f"heartbeat of run {self.run_id}")
+
     # ----------------------------------------------------------------- values
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -494,6 +522,49 @@ def client_for(tracking_cfg: Mapping[str, Any]) -> MlflowClient:
     )
 
 
+def orphaned(run: Any, now: float | None = None) -> str | None:
+    """Why ``run`` (an MLflow ``Run``) is RUNNING with no process training it any more, or
+    None when it is not RUNNING, its process is alive, or it has no heartbeat to judge by
+    (runs without ``Tracker.heartbeat``: evaluations, sweep parents, older hwexp)."""
+    tags = run.data.tags
+    identity = tags.get(PROCESS_TAG)
+    if run.info.status != "RUNNING" or identity is None:
+        return None
+    alive = identity_alive(identity)
+    if alive is not None:
+        return None if alive else f"its process ({identity}) is gone"
+    try:
+        age = (time.time() if now is None else now) - float(tags.get(HEARTBEAT_TAG, "0"))
+    except ValueError:
+        return None
+    if age <= HEARTBEAT_STALE_S:
+        return None
+    return f"its process ({identity}) sent no heartbeat for {age:.0f} s"
+
+
+def fail_orphaned_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> list[str]:
+    """End FAILED (tag ``hwexp.error`` says why) every RUNNING run in ``experiment_ids`` whose
+    training process is gone (see ``orphaned``); returns their ids."""
+    if not experiment_ids:
+        return []
+    running = client.search_runs(
+        list(experiment_ids), "attributes.status = 'RUNNING'", max_results=1000
+    )
+    failed = []
+    for run in running:
+        reason = orphaned(run)
+        if reason is not None:
+            _fail_orphan(client, run.info.run_id, reason)
+            failed.append(run.info.run_id)
+    return failed
+
+
+def _fail_orphan(client: MlflowClient, run_id: str, reason: str) -> None:
+    client.set_tag(run_id, ERROR_TAG, f"ended by hwexp: {reason}")
+    client.set_terminated(run_id, "FAILED")
+    log.warning("run %s was still RUNNING but %s: marked FAILED", run_id, reason)
+
+
 def find_run(
     client: MlflowClient,
     ref: str,
@@ -502,12 +573,15 @@ def find_run(
     parent_run_id: str | None = None,
     option: str = "run",
 ) -> str:
-    """The run id that ``ref`` names: a run id, or ``best`` — the finished run with a model and
-    the highest ``metric`` in ``experiment`` (or among the children of ``parent_run_id``).
-    ``option`` is the setting that ``ref`` came from, named in the error messages' advice.
+    """The run id that ``ref`` names: a FINISHED run's id, or ``best`` — the FINISHED run with
+    a model and the highest ``metric`` in ``experiment`` (or among the children of
+    ``parent_run_id``). Runs whose process died are marked FAILED first (``fail_orphaned_runs``
+    on the experiment searched, or on the run named); RUNNING, FAILED and KILLED runs are never
+    returned. ``option`` is the setting that ``ref`` came from, named in the messages' advice.
 
     Raises:
-        RunNotFound: no such run / experiment, or no finished run with a model and ``metric``.
+        RunNotFound: no such run / experiment, the run named is not FINISHED, or no finished
+            run with a model and ``metric``.
     """
     if ref != "best":
         try:
@@ -517,6 +591,19 @@ def find_run(
                 f"run {ref!r} does not exist in {client.tracking_uri}; list runs with "
                 f"`mlflow ui --backend-store-uri {client.tracking_uri}` or use {option}=best"
             ) from error
+        reason = orphaned(run)
+        if reason is not None:
+            _fail_orphan(client, run.info.run_id, reason)
+            run = client.get_run(ref)
+        status = run.info.status
+        if status != "FINISHED":
+            why = run.data.tags.get(ERROR_TAG) or {
+                "RUNNING": "it is still training",
+                "KILLED": "it was stopped (Ctrl-C or pruned) before its model was complete",
+            }.get(status, "it ended with an error")
+            raise RunNotFound(
+                f"run {ref} is {status} ({why}); choose a FINISHED run, or {option}=best"
+            )
         return run.info.run_id
     filters = ["attributes.status = 'FINISHED'", f"tags.`{HAS_MODEL_TAG}` = 'true'"]
     if parent_run_id:
@@ -532,6 +619,7 @@ def find_run(
                 f"there first, or set {option} to a run id"
             )
         experiment_ids = [found.experiment_id]
+    fail_orphaned_runs(client, experiment_ids)
     runs = client.search_runs(
         experiment_ids,
         " and ".join(filters),

@@ -25,6 +25,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from hwexp.config_check import LR_SCHEDULES, OPTIMIZERS
 from hwexp.data.errors import ConfigError
 from hwexp.model import (
     IncompatibleWeights,
@@ -102,7 +103,7 @@ def learning_rate(
     elif schedule == "onecycle":
         warmup = int(ONECYCLE_WARMUP_FRACTION * total_steps)
     else:
-        raise ValueError(f"unknown lr_schedule {schedule!r}: constant | cosine | onecycle")
+        raise ValueError(f"unknown lr_schedule {schedule!r}: {' | '.join(LR_SCHEDULES)}")
     if warmup == 0:
         return keras.optimizers.schedules.CosineDecay(lr, total_steps)
     return keras.optimizers.schedules.CosineDecay(
@@ -135,7 +136,7 @@ def make_optimizer(
             lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay
         )
     else:
-        raise ValueError(f"unknown optimizer {name!r}: adam | adamw | sgd")
+        raise ValueError(f"unknown optimizer {name!r}: {' | '.join(OPTIMIZERS)}")
     if weight_decay:
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     return optimizer
@@ -641,7 +642,8 @@ def train_and_evaluate(
     (best epoch), ``val/loss`` (best epoch), ``val/top5_accuracy`` (at the best-accuracy
     epoch), ``train/epochs``, ``train/seconds``, ``train/samples_per_second``,
     ``train/stopped_early`` (0/1). With a ``tracker``, also logs config, tags, per-epoch
-    metrics, these metrics, the inference model with ``classes.txt``, and report files.
+    metrics, these metrics, report files and, last (it tags the run ``hwexp.has_model=true``),
+    the inference model with ``classes.txt``. Raises ``ConfigError`` when no epoch was trained.
     ``epoch_hook`` (see ``EpochHook``) may raise to abort, e.g. an Optuna pruner.
     ``init``: the run ``trainer.init_from`` names, if the caller loaded it already
     (``load_init_source``, e.g. before starting its MLflow run); else it is loaded here. A run
@@ -657,6 +659,11 @@ def train_and_evaluate(
             tracker.log_params(init_from_params(splits.classes, init))
         extra.append(tracker.keras_callback())
     result = fit(splits, cfg, extra_callbacks=extra, epoch_hook=epoch_hook, init=init)
+    if result.epochs_run < 1:
+        raise ConfigError(
+            f"trainer.epochs={cfg['trainer']['epochs']}: no epoch was trained, so there is no "
+            "model to evaluate or save; train at least 1 epoch"
+        )
     inference_model = strip_augmentation(result.model)
     report = evaluate(
         inference_model, splits.test, splits.classes, int(cfg["trainer"]["batch_size"])
@@ -665,9 +672,9 @@ def train_and_evaluate(
     if tracker is not None:
         tracker.set_tags({"dtype_policy": result.dtype_policy})
         tracker.log_metrics(metrics)
-        tracker.log_model(inference_model, splits.classes)
         tracker.log_evaluation(report)
         tracker.log_history(result.history)
+        tracker.log_model(inference_model, splits.classes)  # last: hwexp.has_model=true
     return metrics
 
 

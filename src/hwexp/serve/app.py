@@ -27,10 +27,20 @@ a picture of one character, ink of either polarity (a ``data:`` URL prefix is ac
      "model": "hiragana", "ms": 2.4}                             # server time, milliseconds
 
 Errors are JSON ``{"error": "<what is wrong and what is accepted>"}``: 400 malformed (not
-JSON, wrong types, not an image, more than :data:`MAX_STROKES` strokes or :data:`MAX_POINTS`
-points), 404 unknown model or path, 405 wrong method, 411 no ``Content-Length``, 413 body over
-:data:`MAX_BODY_BYTES`, 422 an empty drawing (no points, or no ink), 500 a server fault (the
-server keeps serving).
+JSON or nested too deeply, wrong types, not an image, a picture over
+:data:`~hwexp.serve.models.MAX_PICTURE_PIXELS`, more than :data:`MAX_STROKES` strokes or
+:data:`MAX_POINTS` points, two ``Content-Length`` headers, a body shorter than its
+``Content-Length``), 404 unknown model or path, 405 wrong method, 408 a body that does not arrive
+within :data:`BODY_TIMEOUT_S`, 411 no ``Content-Length``, 413 body over :data:`MAX_BODY_BYTES`,
+422 an empty drawing (no points, or no ink), 500 a server fault (the server keeps serving).
+
+Under load
+----------
+The listen backlog is :data:`REQUEST_QUEUE_SIZE` (the standard library's 5 drops connections
+when many clients connect at once), and every request's work is bounded: body size, body read
+time, JSON nesting, strokes and points, and picture pixels (checked from the image header before
+decoding; large JPEGs are decoded reduced). A client that goes away mid-request costs one log
+line, not a traceback.
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ import contextlib
 import io
 import json
 import logging
+import re
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
@@ -58,6 +70,8 @@ from hwexp.serve.models import InputError, ServedModel, decode_picture
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
+BODY_TIMEOUT_S = 5.0  # s for the whole body: a lying Content-Length holds a thread no longer
+REQUEST_QUEUE_SIZE = 1024  # listen backlog (the kernel caps it at net.core.somaxconn)
 MAX_STROKES = 500
 MAX_POINTS = 20_000  # over all strokes
 MAX_CANVAS = 10_000  # px, either side
@@ -99,6 +113,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
         payload = json.loads(body, parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ApiError(400, f"request body is not valid JSON: {error}") from None
+    except RecursionError:  # the decoder gives up at the interpreter's recursion limit
+        raise ApiError(400, "request body is JSON nested too deeply") from None
     if not isinstance(payload, dict):
         raise ApiError(400, f"request body must be a JSON object, not {type(payload).__name__}")
     return payload
@@ -217,6 +233,7 @@ class PadServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = REQUEST_QUEUE_SIZE
 
     def __init__(self, address: tuple[str, int], models: Sequence[ServedModel]) -> None:
         if not models:
@@ -231,6 +248,15 @@ class PadServer(ThreadingHTTPServer):
             for path, (file, ctype) in _STATIC.items()
         }
         super().__init__(address, PadHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (reset, broken pipe) is one log line; any other error
+        escaping a handler is logged with its traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            log.info("client %s:%s went away: %s", *client_address[:2], type(error).__name__)
+        else:
+            log.exception("error serving %s:%s", *client_address[:2])
 
     @property
     def url(self) -> str:
@@ -291,33 +317,62 @@ class PadHandler(BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
             raise ApiError(411, "chunked bodies are not accepted; send a Content-Length")
-        declared = self.headers.get("Content-Length")
-        if declared is None:
-            self.close_connection = True  # a body may follow that cannot be delimited
-            raise ApiError(411, "a Content-Length header is required")
-        try:
-            length = int(declared)
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(400, f"bad Content-Length {declared!r}") from None
-        if length < 0:
-            self.close_connection = True
-            raise ApiError(400, f"bad Content-Length {declared!r}")
+        declared = self.headers.get_all("Content-Length") or []
+        if len(declared) != 1 or not re.fullmatch(r"[0-9]{1,12}", declared[0].strip()):
+            self.close_connection = True  # where the body ends is unknown
+            if not declared:
+                raise ApiError(411, "a Content-Length header is required")
+            raise ApiError(400, f"bad Content-Length {', '.join(declared)!r}: send one, digits")
+        length = int(declared[0])
         if length > MAX_BODY_BYTES:
             self._drain(length)
             raise ApiError(413, f"request body of {length} bytes; at most {MAX_BODY_BYTES}")
-        return self.rfile.read(length)
+        return self._receive(length)
+
+    def _receive(self, length: int, keep: bool = True) -> bytes:
+        """The next ``length`` bytes of the body (discarded unless ``keep``), all of them within
+        :data:`BODY_TIMEOUT_S` seconds, so that a client announcing more than it sends holds a
+        thread no longer.
+
+        Raises:
+            ApiError: 408 the bytes did not arrive in time; 400 the client stopped sending.
+        """
+        parts, left = [], length
+        deadline = time.monotonic() + BODY_TIMEOUT_S
+        try:
+            while left > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(remaining)
+                chunk = self.rfile.read1(min(left, 65536))
+                if not chunk:
+                    raise ApiError(
+                        400,
+                        f"request body ended after {length - left} of the {length} bytes its "
+                        "Content-Length announced",
+                    )
+                left -= len(chunk)
+                if keep:
+                    parts.append(chunk)
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"request body incomplete: {length - left} of the {length} bytes its "
+                f"Content-Length announced arrived within {BODY_TIMEOUT_S:g} s",
+            ) from None
+        finally:
+            if left > 0:
+                self.close_connection = True  # the rest of the body must not pass for a request
+            self.connection.settimeout(self.timeout)
+        return b"".join(parts)
 
     def _drain(self, length: int) -> None:
-        """Read away an oversized body (up to a limit) so the client sees the answer rather
-        than a reset connection; the connection is closed afterwards."""
+        """Read away an oversized body (up to a limit, within the body time limit) so the client
+        sees the answer rather than a reset connection; the connection is closed afterwards."""
         self.close_connection = True
-        left = min(length, _DRAIN_LIMIT)
-        while left > 0:
-            chunk = self.rfile.read(min(left, 65536))
-            if not chunk:
-                break
-            left -= len(chunk)
+        with contextlib.suppress(ApiError):
+            self._receive(min(length, _DRAIN_LIMIT), keep=False)
 
     def _guarded(self, route: Any) -> None:
         """Run ``route``; refusals and faults become JSON errors, never a dead server."""
@@ -326,7 +381,7 @@ class PadHandler(BaseHTTPRequestHandler):
         except ApiError as error:
             self._send_json(error.status, {"error": error.message})
         except (ConnectionError, TimeoutError):
-            self.close_connection = True
+            raise  # the client went away: PadServer.handle_error logs one line
         except Exception as error:
             log.exception("error answering %s %s", self.command, self.path)
             self._send_json(500, {"error": f"server error: {type(error).__name__}: {error}"})

@@ -31,13 +31,16 @@ contrast stretch, clean-up, crop, margin and size as the model's training data.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
+import math
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +58,8 @@ RASTER_SIDE = 128  # px: the square canvas strokes are drawn on (the synthetic s
 SUPERSAMPLE = 2  # strokes are drawn at this multiple of RASTER_SIDE, then area-averaged
 STROKE_WIDTH = 0.036  # pen width / canvas side: a pencil-to-felt pen of the training data
 TOP_K = 5
-MAX_PICTURE_PIXELS = 4096 * 4096
+MAX_PICTURE_PIXELS = 1024 * 1024  # decoded; checked from the header, before decoding
+MAX_JPEG_REDUCTION = 8  # a larger JPEG is decoded at 1/2, 1/4 or 1/8 of its size to fit
 PICTURE_FORMATS = frozenset({"PNG", "JPEG", "BMP", "GIF", "WEBP"})
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"  # the exporter's tensor names
 
@@ -106,16 +110,27 @@ class ServedModel:
             "stroke_width": STROKE_WIDTH,
         }
 
+    @cached_property
+    def stroke_options(self) -> PreprocessOptions:
+        """The options for rendered strokes: the model's own, with the ink level taken as the
+        raster's maximum (``ink_percentile=100``). Rendered ink is full (255) on 0, so for a
+        drawing with ink on more than 0.5 % of the raster this changes nothing; for a dot or a
+        short stroke the scans' 99.5th percentile would be background, and the drawing blank."""
+        return dataclasses.replace(self.options, ink_percentile=100.0)
+
     def prepare_strokes(
         self, strokes: Sequence[np.ndarray], width: float, height: float
     ) -> np.ndarray:
-        """``(S, S)`` uint8 model input of ``strokes`` drawn on a ``width`` x ``height`` canvas.
+        """``(S, S)`` uint8 model input of ``strokes`` drawn on a ``width`` x ``height`` canvas
+        (a one-point or very short stroke is a dot of the pen's width).
 
         Raises:
             InputError: (422) nothing of the drawing lands on the canvas.
         """
         raster = render_strokes(strokes, width, height)
-        return self._normalise(raster, "high", "the drawing has no ink on the canvas")
+        return self._normalise(
+            raster, "high", "the drawing has no ink on the canvas", self.stroke_options
+        )
 
     def prepare_picture(self, grey: np.ndarray) -> np.ndarray:
         """``(S, S)`` uint8 model input of a ``(h, w)`` uint8 picture of either polarity.
@@ -125,8 +140,10 @@ class ServedModel:
         """
         return self._normalise(grey, "auto", "the image has no ink (no contrast)")
 
-    def _normalise(self, grey: np.ndarray, ink: Ink, blank: str) -> np.ndarray:
-        prepared = normalise_characters(grey[None], ink=ink, options=self.options)[0]
+    def _normalise(
+        self, grey: np.ndarray, ink: Ink, blank: str, options: PreprocessOptions | None = None
+    ) -> np.ndarray:
+        prepared = normalise_characters(grey[None], ink=ink, options=options or self.options)[0]
         if not prepared.any():
             raise InputError(f"empty drawing: {blank}", 422)
         return prepared
@@ -191,27 +208,52 @@ def decode_picture(data: bytes) -> np.ndarray:
     """A PNG (or JPEG, BMP, GIF, WebP) as ``(h, w)`` uint8 grey; transparent pixels become
     the background (white under dark ink, black under light ink).
 
+    The size is read from the header before anything is decoded: a picture over
+    :data:`MAX_PICTURE_PIXELS` is refused, except a JPEG that fits once decoded at 1/2, 1/4 or
+    1/8 of its size (cheap: the decoder skips the detail).
+
     Raises:
-        InputError: not an image of those formats, undecodable, or over 4096 x 4096 pixels.
+        InputError: not an image of those formats, undecodable, or too many pixels.
     """
     try:
-        with Image.open(io.BytesIO(data)) as picture:
-            if picture.format not in PICTURE_FORMATS:
-                raise InputError(
-                    f"image format {picture.format} is not accepted; send a PNG (or JPEG, BMP, "
-                    "GIF, WebP)"
-                )
-            width, height = picture.size
-            if width * height > MAX_PICTURE_PIXELS:
-                raise InputError(
-                    f"image is {width}x{height} pixels; at most {MAX_PICTURE_PIXELS} pixels"
-                )
+        picture = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError:
+        raise InputError(_too_large("image is over PIL's decompression-bomb limit")) from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise InputError(
+            f"'image' is not a PNG, JPEG, BMP, GIF or WebP image (its data starts {data[:8]!r})"
+        ) from None
+    with picture:
+        if picture.format not in PICTURE_FORMATS:
+            raise InputError(
+                f"image format {picture.format} is not accepted; send a PNG (or JPEG, BMP, "
+                "GIF, WebP)"
+            )
+        width, height = picture.size
+        if picture.format == "JPEG" and width * height > MAX_PICTURE_PIXELS:
+            reduction = 1
+            while reduction < MAX_JPEG_REDUCTION and (
+                width * height > MAX_PICTURE_PIXELS * reduction * reduction
+            ):
+                reduction *= 2
+            picture.draft("L", (width // reduction, height // reduction))
+        if picture.size[0] * picture.size[1] > MAX_PICTURE_PIXELS:
+            raise InputError(_too_large(f"image is {width}x{height} pixels"))
+        try:
             picture.load()
             return _flatten_alpha(picture)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        if isinstance(error, InputError):
-            raise
-        raise InputError(f"not an image (PNG, JPEG, BMP, GIF, WebP): {error}") from None
+        except (OSError, ValueError, SyntaxError) as error:
+            raise InputError(
+                f"'image' is a {picture.format} image that cannot be decoded: {error}"
+            ) from None
+
+
+def _too_large(what: str) -> str:
+    side = math.isqrt(MAX_PICTURE_PIXELS)
+    return (
+        f"{what}; at most {MAX_PICTURE_PIXELS} pixels (e.g. {side}x{side}, or a JPEG up to "
+        f"{MAX_JPEG_REDUCTION} times that on each side): send a smaller picture"
+    )
 
 
 def _flatten_alpha(picture: Image.Image) -> np.ndarray:

@@ -9,6 +9,8 @@ one machine or on many (same ``storage`` and ``study_name``):
   ``n_trials`` (one of them may still fail and need replacing), and asks otherwise;
 * after the ask, it checks the race: if ``n_trials`` trials with smaller numbers are already
   done or running, its trial is surplus and told FAIL (user attr ``surplus``) without running;
+* the options every trial shares are checked (``hwexp.config_check``) before the study is
+  opened: a bad one ends the sweep at once with an ``error:`` line;
 * every RUNNING trial sends heartbeats (from the sweeper and from the job), so a trial whose
   process died becomes FAIL at the next check of any worker and, with ``retry_interrupted``,
   its parameters are enqueued once more (a RUNNING trial with no heartbeat at all, its worker
@@ -25,6 +27,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -198,6 +201,7 @@ class OptunaSweep:
         self._space = parse_search_space(
             settings.params, arguments, self.hydra_context.config_loader
         )
+        self._check_options()
         study, created = self._open_study()
         fail_stale_trials(study)
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).expanduser().resolve()
@@ -241,6 +245,22 @@ class OptunaSweep:
             "best trial %d: %s %s", study.best_trial.number, study.best_value, study.best_params
         )
         return float(study.best_value)
+
+    def _check_options(self) -> None:
+        """Refuse bad options that every trial shares (the config with the fixed overrides)
+        before the study or its MLflow run is touched: ``error:`` lines on stderr and exit
+        status 1, as ``python -m hwexp`` does. Searched values are checked by each trial."""
+        from hwexp.config_check import InvalidOptions, check_config
+
+        assert self.hydra_context is not None and self._space is not None
+        composed = self.hydra_context.config_loader.load_sweep_config(
+            self.config, list(self._space.fixed)
+        )
+        try:
+            check_config(composed)
+        except InvalidOptions as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     def _open_study(self) -> tuple[optuna.Study, bool]:
         """Create the study, or load it if it exists; True when this worker created it.
