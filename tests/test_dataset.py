@@ -321,7 +321,7 @@ def test_a_character_keeps_its_size_whatever_cell_canvas_or_padding_it_arrived_i
         for char in fills:
             assert abs(sides[char] - reference[char]) <= 2, (name, char, sides, reference)
         assert sides["小"] < 0.85 * sides["大"], (name, sides)
-        assert sides["大"] >= 34, (name, sides)  # full-size characters fill the frame
+        assert sides["大"] >= 28, (name, sides)  # full-size characters fill most of the frame
 
 
 def _folder_tree(root: Path, names: str | list[str], per_class: int = 4) -> Path:

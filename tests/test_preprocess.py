@@ -38,7 +38,7 @@ def test_crop_and_centre_make_position_and_scale_irrelevant():
     small_corner = cross(top=5, left=5, size=30, width=5)
     big_centre = cross(top=20, left=20, size=80, width=13)
     out = normalise_characters(
-        np.stack([small_corner, big_centre]), options=PreprocessOptions(min_crop=0.0)
+        np.stack([small_corner, big_centre]), options=PreprocessOptions(fit="box", min_crop=0.0)
     )
     ink = out > 128
     rows = [np.flatnonzero(m.any(axis=1)) for m in ink]
@@ -55,7 +55,7 @@ def test_aspect_ratio_is_kept_when_padding_to_square():
     out = normalise_characters(bar[None])[0]
     ink_rows = np.flatnonzero((out > 128).any(axis=1))
     assert len(ink_rows) < 12  # still flat, not stretched to a square block
-    no_aspect = PreprocessOptions(keep_aspect=False, min_crop=0.0)
+    no_aspect = PreprocessOptions(fit="box", keep_aspect=False, min_crop=0.0)
     stretched = normalise_characters(bar[None], options=no_aspect)[0]
     assert len(np.flatnonzero((stretched > 128).any(axis=1))) > 36
 
