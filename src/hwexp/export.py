@@ -631,6 +631,12 @@ def _describe(
     name = str(cfg.get("name") or dataset_name)
     preprocess = trained.config.get("preprocess", {})
     margin = float(preprocess.get("margin", 0.08))
+    fitted = (
+        f"centre the ink's centre of mass, {preprocess.get('moment_span')} standard deviations "
+        "of the ink across"
+        if preprocess.get("fit") == "moments"
+        else "crop the strokes to their bounding box"
+    )
     test_accuracy = trained.metrics.get("test/accuracy")
     meta = cfg.get("metadata") or {}
     metadata = {
@@ -658,8 +664,8 @@ def _describe(
     }
     descriptions = {
         INPUT_LAYER_NAME: (
-            f"{size}x{size} grayscale character, ink WHITE (255) on BLACK (0): crop the "
-            f"strokes to their bounding box, pad to a square with a {margin:.0%} margin "
+            f"{size}x{size} grayscale character, ink WHITE (255) on BLACK (0): {fitted}, "
+            f"pad to a square with a {margin:.0%} margin "
             "(hwexp.data.preprocess); pixel scaling is inside the model"
         ),
         CORE_ML_LABEL: "the most probable character",

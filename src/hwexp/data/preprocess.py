@@ -106,7 +106,7 @@ class PreprocessOptions:
     fragment_band: float = 0.2  # of the side: how far in from the border a fragment may reach
     crop: bool = True
     keep_aspect: bool = True
-    fit: str = "box"  # box: the ink's bounding box | moments: centre of mass, moment_span sds
+    fit: str = "moments"  # box: the ink's bounding box | moments: centre of mass, moment_span sds
     moment_span: float = 4.0  # fit="moments": extent = this many standard deviations of the ink
     size_reference: str = "writer"  # writer: median extent of the writer's images | cell
     reference_fill: float = 0.75  # cell reference: a full-size character's share of the side
