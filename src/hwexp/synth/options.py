@@ -66,7 +66,7 @@ class SynthOptions:
     connect_prob: Range = (0.0, 0.12)  # chance of a faint hairline joining consecutive strokes
     # voicing marks (the dakuten ticks of で, the handakuten circle of ぱ): hands vary them more
     # than other strokes. Off by default: on held-out fonts it cost 1.3 / 3.0 points
-    # (README: Results); real handwriting may differ
+    # (docs/results.md); real handwriting may differ
     vary_voicing_marks: bool = False
     mark_scale: Range = (0.7, 1.35)  # size of the marks against KanjiVG's (log-uniform)
     mark_shift: float = 3.0  # sd of a writer's habitual offset of the marks, frame units
