@@ -31,6 +31,7 @@ SURPLUS_ATTR = "surplus"  # trial user attr: asked beyond n_trials by a racing w
 MLFLOW_RUN_ATTR = "mlflow_run_id"  # trial user attr: the trial's child run
 WORKER_ATTR = "worker"  # trial user attr: "<host>:<pid>" of the sweeper that asked it
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the study's parent run
+STUDY_NAME_TAG = "hwexp.study_name"  # on a study's parent run and its trials' runs
 MAX_ERROR_CHARS = 2000
 
 
@@ -158,7 +159,7 @@ class StudyRun:
             return cls(tracker)
         tags = {
             SWEEP_ID_TAG: sweep_id,
-            "hwexp.study_name": study.study_name,
+            STUDY_NAME_TAG: study.study_name,
             "hwexp.run_kind": "study",
         }
         tracker = Tracker.from_config(tracking_cfg, run_name=f"study-{study.study_name}", tags=tags)

@@ -18,7 +18,14 @@ from optuna.trial import TrialState
 
 from hwexp.sweep.overrides import override_value
 from hwexp.sweep.storage import open_storage
-from hwexp.sweep.study import ERROR_ATTR, MLFLOW_RUN_ATTR, Heartbeat, error_text, trial_id
+from hwexp.sweep.study import (
+    ERROR_ATTR,
+    MLFLOW_RUN_ATTR,
+    STUDY_NAME_TAG,
+    Heartbeat,
+    error_text,
+    trial_id,
+)
 
 if TYPE_CHECKING:
     from hwexp.data.dataset import PreparedSplits
@@ -178,7 +185,7 @@ def _trial_run(
     from hwexp.tracking.runs import open_run
 
     tags = {
-        "hwexp.study_name": ref.study_name,
+        STUDY_NAME_TAG: ref.study_name,
         "hwexp.trial_number": str(ref.number),
         "hwexp.trial_params": json.dumps(trial.params, sort_keys=True),
     }
