@@ -1,6 +1,6 @@
 """Size, single-image CPU latency and test accuracy of every export format of one run.
 
-Exports the run with ``hwexp.export.export_run`` (into a temporary folder, nothing logged or
+Exports the run with ``hwexp.export.run.export_run`` (into a temporary folder, nothing logged or
 registered): Core ML with each ``--coreml-weights`` option, TFLite float32 and int8, ONNX. Then
 times single-image inference for TFLite (LiteRT interpreter) and ONNX Runtime, one thread,
 ``--calls`` calls each after a warm-up, cycling through the run's test images, and prints a
@@ -54,8 +54,10 @@ def main() -> None:
 
     from hwexp import CONF_DIR
     from hwexp.data.dataset import load_splits
-    from hwexp.export import export_run, onnx_predictor, run_data_config, tflite_predictor
-    from hwexp.track import client_for, load_trained_model
+    from hwexp.export.onnx import onnx_predictor
+    from hwexp.export.run import export_run, run_data_config
+    from hwexp.export.tflite import tflite_predictor
+    from hwexp.tracking.runs import client_for, load_trained_model
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="hwexp-bench-export-") as out:

@@ -76,7 +76,7 @@ def sweep(root: Path, spec: str, common: list[str]) -> SweepResult:
     import optuna
     from mlflow import MlflowClient
 
-    from hwexp.sweep import MLFLOW_RUN_ATTR, TrialCounts
+    from hwexp.sweep.study import MLFLOW_RUN_ATTR, TrialCounts
 
     pruner, overrides = pruner_overrides(spec)
     study_name = f"bench-{pruner}"

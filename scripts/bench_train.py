@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import hwexp  # noqa: E402, F401  (before TensorFlow: sets its environment defaults)
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(hwexp.CONF_DIR)
 
 
 def random_split(n: int, size: int, num_classes: int, rng: np.random.Generator):

@@ -123,7 +123,7 @@ def main() -> int:
     from hwexp.data.preprocess import PreprocessOptions, normalise_characters
     from hwexp.data.show import save_png
     from hwexp.fsutil import atomic_write_text
-    from hwexp.track import client_for, find_run, load_trained_model
+    from hwexp.tracking.runs import client_for, load_selected_model
 
     fonts = held_out_fonts()
     if not fonts:
@@ -134,8 +134,7 @@ def main() -> int:
         )
         return 1
     client = client_for({"uri": args.uri, "mlruns_dir": str(Path(args.mlruns).resolve())})
-    run_id = find_run(client, args.run, args.experiment, args.metric)
-    trained = load_trained_model(client, run_id)
+    trained = load_selected_model(client, args.run, args.experiment, args.metric)
     options = PreprocessOptions.from_config(trained.config["preprocess"])
     index_of = {c: i for i, c in enumerate(trained.classes)}
     rng = np.random.default_rng(0)
@@ -208,7 +207,7 @@ def main() -> int:
     if args.json:
         summary = {
             "run_id": trained.run_id,
-            "test_accuracy": client.get_run(run_id).data.metrics.get(args.metric),
+            "test_accuracy": client.get_run(trained.run_id).data.metrics.get(args.metric),
             "fonts": scores["all"],
             "groups": {g: scores[g] for g in FONT_GROUPS if g in scores},
             "per_font": per_font,

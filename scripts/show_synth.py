@@ -1,7 +1,7 @@
 """Write a PNG grid of synthetic handwriting (rows = writers, columns = characters).
 
 Usage: python scripts/show_synth.py OUT.png [--chars あいう] [--writers 0-11 | 3,7,9]
-       [--config conf/synthetic/default.yaml] [--set KEY=YAML ...] [--scale 1]
+       [--config src/hwexp/conf/synthetic/default.yaml] [--set KEY=YAML ...] [--scale 1]
 """
 
 from __future__ import annotations

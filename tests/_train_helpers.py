@@ -18,9 +18,10 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+import hwexp  # noqa: E402
 from hwexp.data.dataset import PreparedSplits, SplitArrays  # noqa: E402
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(hwexp.CONF_DIR)
 CLASSES = ("あ", "い", "う", "え")
 
 # Small bodies so a test trains in seconds; the remaining keys come from conf/model/*.yaml.

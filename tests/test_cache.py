@@ -16,9 +16,9 @@ import pytest
 
 from data_config import run_module
 from hwexp.data import cache
-from hwexp.data.errors import DamagedCacheEntry
 from hwexp.data.preprocess import PreprocessOptions
 from hwexp.data.raw import ChunkTask, RawChunk
+from hwexp.errors import DamagedCacheEntry
 
 OPTIONS = PreprocessOptions(size=16)
 

@@ -11,7 +11,7 @@ from data_config import data_config
 from etl_fixtures import make_etl8b2_tree, make_etl8g_tree
 from hwexp.data import cache
 from hwexp.data.dataset import ImageView, load_splits, prepare_sources
-from hwexp.data.errors import ConfigError, DataError, DatasetFilesMissing, UnreadableImage
+from hwexp.errors import ConfigError, DataError, DatasetFilesMissing, UnreadableImage
 
 HIRA = "あいう"
 KANJI = "木"  # one of ETL8's 881 kanji

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from hwexp.data.download import ENV_KMNIST_BASE_URL, download_dataset, download_file
-from hwexp.data.errors import DownloadError
 from hwexp.data.kmnist import KMNIST_FILES, kmnist_tasks
+from hwexp.errors import DownloadError
 
 
 def md5(data: bytes) -> str:

@@ -17,7 +17,7 @@ from etl_fixtures import (
 )
 from hwexp.data import etl
 from hwexp.data.charsets import KATAKANA_ETL1, char_to_jis0208, jis0208_to_char
-from hwexp.data.errors import CorruptDataFile, DatasetFilesMissing
+from hwexp.errors import CorruptDataFile, DatasetFilesMissing
 
 
 def test_jis_of_a_is_0x2422():

@@ -4,8 +4,10 @@ from mlflow import MlflowClient
 
 from data_config import data_config
 from hwexp.__main__ import run_training
+from hwexp.errors import RunNotFound
 from hwexp.evaluate import EVALUATED_RUN_TAG, choose_part, evaluate_run
-from hwexp.track import RunNotFound, Tracker, client_for, find_run, load_trained_model
+from hwexp.tracking.runs import client_for, find_run, load_trained_model
+from hwexp.tracking.writer import Tracker
 
 
 @pytest.fixture(scope="module")

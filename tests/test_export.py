@@ -12,32 +12,18 @@ from omegaconf import OmegaConf
 from data_config import data_config
 from hwexp import CONF_DIR
 from hwexp.__main__ import run_training
+from hwexp.contract import BEST_TRIAL_TAG, EXPORTED_TAG, SWEEP_ID_TAG
 from hwexp.data.dataset import load_splits
-from hwexp.data.errors import ConfigError
-from hwexp.export import (
-    ExportAfterSweep,
-    ExportError,
-    check_coreml,
-    export_run,
-    inference_model,
-    main,
-    onnx_predictor,
-    run_data_config,
-    sweep_export_config,
-    tflite_predictor,
-    to_coreml,
-)
+from hwexp.errors import ConfigError, ExportError, RunNotFound
+from hwexp.export.__main__ import main
+from hwexp.export.after_sweep import ExportAfterSweep, sweep_export_config
+from hwexp.export.coreml import check_coreml, to_coreml
+from hwexp.export.onnx import onnx_predictor
+from hwexp.export.run import export_run, inference_model, run_data_config
+from hwexp.export.tflite import tflite_predictor
 from hwexp.model import build_model
-from hwexp.track import (
-    BEST_TRIAL_TAG,
-    EXPORTED_TAG,
-    SWEEP_ID_TAG,
-    RunNotFound,
-    Tracker,
-    client_for,
-    find_run,
-    load_trained_model,
-)
+from hwexp.tracking.runs import client_for, find_run, load_trained_model
+from hwexp.tracking.writer import Tracker
 
 EXPERIMENT = "hwexp-debug"
 

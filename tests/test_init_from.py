@@ -12,9 +12,10 @@ import pytest
 from data_config import data_config
 from hwexp.__main__ import run_training
 from hwexp.data.dataset import load_splits
-from hwexp.data.errors import ConfigError
+from hwexp.errors import ConfigError
 from hwexp.model import classifier_layer, strip_augmentation
-from hwexp.track import Tracker, client_for, find_run, load_trained_model
+from hwexp.tracking.runs import client_for, find_run, load_trained_model
+from hwexp.tracking.writer import Tracker
 from hwexp.train import INIT_FROM_TAG, evaluate, initial_model, load_init_source
 
 # TensorFlow's EagerTensor.__array__ predates numpy 2's copy keyword; Keras triggers it.

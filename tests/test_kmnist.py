@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hwexp.data.errors import CorruptDataFile, DatasetFilesMissing
 from hwexp.data.kmnist import (
     K49_FILES,
     KMNIST_FILES,
@@ -18,6 +17,7 @@ from hwexp.data.kmnist import (
     read_classmap,
     read_npz_rows,
 )
+from hwexp.errors import CorruptDataFile, DatasetFilesMissing
 
 KMNIST_CHARS = "おきすつなはまやれを"
 K49_CHARS = (

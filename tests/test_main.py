@@ -131,14 +131,10 @@ def test_a_bad_option_is_one_error_line_and_exit_1_with_no_run(tmp_path):
 
 
 def test_a_training_killed_with_sigkill_is_failed_by_the_next_lookup_and_never_selected(tmp_path):
-    from hwexp.track import (
-        ERROR_TAG,
-        HAS_MODEL_TAG,
-        PROCESS_TAG,
-        RunNotFound,
-        Tracker,
-        find_run,
-    )
+    from hwexp.contract import ERROR_TAG, HAS_MODEL_TAG
+    from hwexp.errors import RunNotFound
+    from hwexp.tracking.runs import find_run
+    from hwexp.tracking.writer import PROCESS_TAG, Tracker
 
     process = subprocess.Popen(
         [

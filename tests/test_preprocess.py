@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from hwexp.data.errors import ConfigError
 from hwexp.data.preprocess import PreprocessOptions, normalise_characters
+from hwexp.errors import ConfigError
 
 
 def cross(h=128, w=128, ink=255, background=0, top=30, left=40, size=50, width=8):

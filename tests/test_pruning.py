@@ -10,7 +10,7 @@ import pytest
 from hydra.utils import instantiate
 from optuna.trial import TrialState, create_trial
 
-from hwexp.pruning import TopFractionPruner
+from hwexp.sweep.pruners import TopFractionPruner
 
 
 def study_with(curves: list[dict[int, float]], pruner, direction="maximize") -> optuna.Study:

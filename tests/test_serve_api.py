@@ -69,8 +69,8 @@ def exported_model(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
     logged to the run and registered in the MLflow Model Registry)."""
     if "model" not in _TRAINED:
         from hwexp.__main__ import run_training
-        from hwexp.export import export_run
-        from hwexp.track import client_for
+        from hwexp.export.run import export_run
+        from hwexp.tracking.runs import client_for
 
         root = tmp_path_factory.mktemp("serve")
         train_cfg = data_config(root, *TRAIN_OVERRIDES, config_name="config")
@@ -458,10 +458,14 @@ def test_command_line_serves_files_and_never_imports_tensorflow(exported):
 
 
 def test_command_line_reports_what_cannot_be_loaded(tmp_path, capsys):
-    assert serve_main(["--model", str(tmp_path / "none.onnx"), "--port", "0"]) == 1
-    assert "no model file" in capsys.readouterr().err
-    assert serve_main(["--tracking-uri", f"sqlite:///{tmp_path}/empty.db", "--port", "0"]) == 1
-    assert "no registered model with an ONNX export" in capsys.readouterr().err
+    for args, message in [
+        (["--model", str(tmp_path / "none.onnx")], "no model file"),
+        (["--tracking-uri", f"sqlite:///{tmp_path}/empty.db"], "no registered model with an ONNX"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            serve_main([*args, "--port", "0"])
+        assert exit_info.value.code == 1
+        assert message in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- under load

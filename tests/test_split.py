@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from hwexp.data.errors import ConfigError
 from hwexp.data.split import official_split, random_split, split_samples, writer_disjoint_split
+from hwexp.errors import ConfigError
 
 
 def etl_like(writers=50, classes=20):

@@ -25,18 +25,9 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from data_config import run_module
-from hwexp.sweep import (
-    ERROR_ATTR,
-    MLFLOW_RUN_ATTR,
-    SURPLUS_ATTR,
-    WORKER_ATTR,
-    NonFiniteLossError,
-    PruningHook,
-    SweepTrial,
-    TrialCounts,
-    open_storage,
-    quiet_optuna,
-)
+from hwexp.sweep.storage import open_storage, quiet_optuna
+from hwexp.sweep.study import ERROR_ATTR, MLFLOW_RUN_ATTR, SURPLUS_ATTR, WORKER_ATTR, TrialCounts
+from hwexp.sweep.trial import NonFiniteLossError, PruningHook, SweepTrial
 from hydra_plugins.hwexp_optuna_sweeper._impl import OptunaSweep, SweepSettings, outcome_of
 from hydra_plugins.hwexp_optuna_sweeper._search_space import parse_search_space
 
@@ -419,7 +410,7 @@ def test_only_a_lost_race_to_create_the_tables_is_retried() -> None:
     import psycopg.errors
     import sqlalchemy.exc
 
-    from hwexp.sweep import _lost_table_race
+    from hwexp.sweep.storage import _lost_table_race
 
     def wrapped(kind, orig):
         return kind("CREATE TABLE studies ...", {}, orig)

@@ -15,11 +15,13 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hwexp.sweep import SweepTrial, override_value
+import hwexp  # noqa: E402
+from hwexp.sweep.overrides import override_value
+from hwexp.sweep.trial import SweepTrial
 from hydra_plugins.hwexp_optuna_sweeper._impl import SweepSettings, outcome_of
 from hydra_plugins.hwexp_optuna_sweeper._search_space import parse_search_space
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(hwexp.CONF_DIR)
 
 
 def parsed_value(override: str):
@@ -230,7 +232,7 @@ def test_the_katakana_search_covers_what_the_article_tuned_by_hand() -> None:
     assert cfg.hydra.sweeper._target_.endswith("HwexpOptunaSweeper")
     assert cfg.dataset.source == "synthetic" and cfg.dataset.classes == "katakana48"
     assert cfg.optimized_metric == "val/accuracy"
-    assert cfg.hydra.sweeper.pruner._target_ == "hwexp.pruning.TopFractionPruner"
+    assert cfg.hydra.sweeper.pruner._target_ == "hwexp.sweep.pruners.TopFractionPruner"
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         hyperband = ["hparams_search=katakana", "hydra/sweeper/pruner=hyperband"]
         cfg_hb = compose("config", hyperband, return_hydra_config=True)

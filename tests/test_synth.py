@@ -12,9 +12,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from hwexp import CONF_DIR
 from hwexp.data.charsets import CLASS_SETS
-from hwexp.data.errors import DataError
 from hwexp.data.sources import renderer_settings
+from hwexp.errors import DataError
 from hwexp.synth import (
     MissingCharacters,
     SynthOptions,
@@ -329,7 +330,7 @@ def test_from_config_rejects_unknown_keys_and_parses_yaml():
         SynthOptions.from_config({"bogus_knob": 1, "canvas_size": 64})
     with pytest.raises(ValueError, match="slant_deg"):
         SynthOptions.from_config({"slant_deg": [5, -5]})
-    cfg = yaml.safe_load((ROOT / "conf" / "synthetic" / "default.yaml").read_text())
+    cfg = yaml.safe_load((Path(CONF_DIR) / "synthetic" / "default.yaml").read_text())
     assert SynthOptions.from_config(renderer_settings(cfg)) == SynthOptions()
     small = SynthOptions.from_config({"canvas_size": 64, "pen_weights": {"finger": 1}})
     chunk = render_writer(["あ"], 0, small)

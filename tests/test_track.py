@@ -1,4 +1,4 @@
-"""hwexp.track against a real sqlite MLflow store in tmp_path."""
+"""hwexp.tracking against a real sqlite MLflow store in tmp_path."""
 
 from __future__ import annotations  # noqa: I001 (_train_helpers must precede keras: env vars)
 
@@ -16,16 +16,13 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from hwexp import track
+from hwexp import contract, errors
 from hwexp.liveness import identity_alive, process_identity
-from hwexp.track import (
-    HEARTBEAT_TAG,
-    PROCESS_TAG,
-    Tracker,
-    default_tracking_uri,
-    flatten_config,
-    pair_text,
-)
+from hwexp.contract import default_tracking_uri
+from hwexp.tracking import reports, writer
+from hwexp.tracking import runs as run_lookup
+from hwexp.tracking.reports import pair_text
+from hwexp.tracking.writer import HEARTBEAT_TAG, PROCESS_TAG, Tracker, flatten_config
 from hwexp.train import train_and_evaluate
 
 # TensorFlow's EagerTensor.__array__ predates numpy 2's copy keyword; Keras triggers it.
@@ -132,7 +129,7 @@ def test_nested_runs_and_failed_status(tmp_path) -> None:
     assert client.get_run(failing.run_id).info.status == "FAILED"
     assert client.get_run(parent.run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(child.run_id, "score")] == [3]
-    assert track.mlflow_key("test/source/folder:my data/accuracy") == (
+    assert writer.mlflow_key("test/source/folder:my data/accuracy") == (
         "test/source/folder_my data/accuracy"
     )
 
@@ -149,15 +146,15 @@ def test_many_and_long_params_are_batched_and_truncated(tmp_path) -> None:
 
 
 def test_class_text_falls_back_to_code_points_without_a_cjk_font(monkeypatch) -> None:
-    monkeypatch.setattr(track, "cjk_font_path", lambda: None)
+    monkeypatch.setattr(reports, "cjk_font_path", lambda: None)
     assert pair_text("あ", "お") == ("U+3042→U+304A", None)
-    monkeypatch.setattr(track, "cjk_font_path", lambda: "/fonts/NotoSansCJK.ttc")
+    monkeypatch.setattr(reports, "cjk_font_path", lambda: "/fonts/NotoSansCJK.ttc")
     text, font = pair_text("あ", "お")
     assert text == "あ→お" and font.get_file() == "/fonts/NotoSansCJK.ttc"
 
 
 def test_pictures_label_characters_with_the_installed_japanese_font() -> None:
-    path = track.cjk_font_path()
+    path = reports.cjk_font_path()
     # hwexp depends on font packages; matplotlib's bundled "LastResortHE" would map every kana
     # to one placeholder glyph.
     assert path is not None and "LastResort" not in Path(path).name
@@ -169,10 +166,10 @@ def test_pictures_label_characters_with_the_installed_japanese_font() -> None:
 
 def test_figures_render_without_errors() -> None:
     history = {"loss": [1.0, 0.5], "val_loss": [1.1, 0.7], "learning_rate": [1e-3, 5e-4]}
-    figure = track.curves_figure(history)
+    figure = reports.curves_figure(history)
     assert len(figure.axes) == 3 and figure.axes[2].get_yscale() == "log"
-    assert len(track.confusion_figure([("あ", "お", 3), ("い", "り", 1)]).axes[0].patches) == 2
-    empty = track.confusion_figure([])
+    assert len(reports.confusion_figure([("あ", "お", 3), ("い", "り", 1)]).axes[0].patches) == 2
+    empty = reports.confusion_figure([])
     assert list(empty.axes[0].patches) == []
 
 
@@ -195,14 +192,14 @@ def test_misclassified_grid_shows_each_error_with_its_caption() -> None:
     )
     wrong = report.misclassified()
     assert list(wrong) == [0, 1]
-    grid = np.asarray(track.misclassified_grid(report, wrong, columns=6))
+    grid = np.asarray(reports.misclassified_grid(report, wrong, columns=6))
     assert grid.shape[1] == 6 * 72
     tile_1, tile_2, tile_3 = (grid[:72, k * 72 : (k + 1) * 72] for k in range(3))
     assert tile_1.min() == 0 and tile_2.min() == 0  # the bars, dark
     assert tile_3.min() == 255  # no third error: blank
     captions = grid[72:, :144]
     assert (captions < 128).mean() > 0.02  # text under the tiles
-    empty = np.asarray(track.misclassified_grid(report, np.array([], np.int64)))
+    empty = np.asarray(reports.misclassified_grid(report, np.array([], np.int64)))
     assert empty.min() < 64 and empty.max() == 255  # the "no misclassified samples" note
 
 
@@ -254,7 +251,7 @@ def test_runs_whose_process_is_gone_are_failed_and_live_ones_kept(tmp_path) -> N
     with Tracker.start("states", mlruns_dir=mlruns, run_name="alive") as alive, alive.heartbeat():
         tags = client.get_run(alive.run_id).data.tags
         assert identity_alive(tags[PROCESS_TAG]) and float(tags[HEARTBEAT_TAG]) >= now - 1
-        failed = track.fail_orphaned_runs(client, [alive.experiment_id])
+        failed = run_lookup.fail_orphaned_runs(client, [alive.experiment_id])
         assert sorted(failed) == sorted([runs["dead here"].run_id, runs["silent elsewhere"].run_id])
         assert client.get_run(alive.run_id).info.status == "RUNNING"
     status = {name: client.get_run(t.run_id).info.status for name, t in runs.items()}
@@ -264,7 +261,7 @@ def test_runs_whose_process_is_gone_are_failed_and_live_ones_kept(tmp_path) -> N
         "beating elsewhere": "RUNNING",
         "no heartbeat": "RUNNING",
     }
-    error = client.get_run(runs["silent elsewhere"].run_id).data.tags[track.ERROR_TAG]
+    error = client.get_run(runs["silent elsewhere"].run_id).data.tags[contract.ERROR_TAG]
     assert re.search(r"sent no heartbeat for 10\d\d s", error), error
     assert client.get_run(alive.run_id).info.status == "FINISHED"
 
@@ -273,12 +270,12 @@ def test_find_run_never_names_a_run_that_is_not_finished(tmp_path) -> None:
     mlruns = tmp_path / "mlruns"
     client = MlflowClient(default_tracking_uri(mlruns))
     running = Tracker.start("select", mlruns_dir=mlruns)
-    running.set_tags({track.HAS_MODEL_TAG: "true"})
+    running.set_tags({contract.HAS_MODEL_TAG: "true"})
     running.log_metrics({"test/accuracy": 0.9})
-    with pytest.raises(track.RunNotFound, match="is RUNNING .it is still training"):
-        track.find_run(client, running.run_id)
-    with pytest.raises(track.RunNotFound, match="no finished run with a model"):
-        track.find_run(client, "best", "select")
+    with pytest.raises(errors.RunNotFound, match="is RUNNING .it is still training"):
+        run_lookup.find_run(client, running.run_id)
+    with pytest.raises(errors.RunNotFound, match="no finished run with a model"):
+        run_lookup.find_run(client, "best", "select")
     running.end("KILLED")
-    with pytest.raises(track.RunNotFound, match="is KILLED"):
-        track.find_run(client, running.run_id, option="trainer.init_from")
+    with pytest.raises(errors.RunNotFound, match="is KILLED"):
+        run_lookup.find_run(client, running.run_id, option="trainer.init_from")

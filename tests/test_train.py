@@ -270,8 +270,9 @@ def test_evaluate_keeps_top_k_in_split_order() -> None:
 def test_no_epoch_trained_fails_the_run_before_anything_counts_as_a_result(tmp_path) -> None:
     from mlflow import MlflowClient
 
-    from hwexp.data.errors import ConfigError
-    from hwexp.track import HAS_MODEL_TAG, Tracker, default_tracking_uri
+    from hwexp.contract import HAS_MODEL_TAG, default_tracking_uri
+    from hwexp.errors import ConfigError
+    from hwexp.tracking.writer import Tracker
 
     cfg = tiny_config("article", mlruns_dir=tmp_path / "mlruns", **{"trainer.epochs": 0})
     tracker = Tracker.from_config(cfg.tracking)

@@ -12,5 +12,6 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 __version__ = "0.1.0"
 
-# The Hydra configs live in the repository's conf/ (the package is installed editable).
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# The Hydra configs ship inside the package (hwexp/conf), so an installed wheel has them. Add
+# your own config folder with --config-dir DIR (its files override and extend these).
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")

@@ -6,13 +6,12 @@ Returns (to Hydra, for sweeps) the metric named by ``optimized_metric``.
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from hwexp import CONF_DIR
-from hwexp.data.errors import ConfigError, DataError
+from hwexp.errors import ConfigError, exit_on_error
 
 log = logging.getLogger("hwexp")
 
@@ -24,11 +23,11 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     is prepared or any MLflow run is started. With ``trainer.init_from`` set, its run is loaded
     before an MLflow run is started, so a bad reference (a ``ConfigError``) leaves no run
     behind. The run keeps a heartbeat while it trains, and runs of its experiment whose process
-    died are marked FAILED when it starts (``hwexp.track.fail_orphaned_runs``).
+    died are marked FAILED when it starts (``hwexp.tracking.runs.fail_orphaned_runs``).
 
     Data is prepared before TensorFlow is imported, so data workers can be forked cheaply.
     With a ``sweep_trial`` block (set by ``hydra/sweeper=hwexp_optuna``) this is one trial of an
-    Optuna study: see ``hwexp.sweep.run_trial``.
+    Optuna study: see ``hwexp.sweep.trial.run_trial``.
     """
     from hwexp.config_check import check_config
     from hwexp.data.dataset import load_splits
@@ -36,10 +35,12 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     splits = load_splits(cfg)
     if cfg.get("sweep_trial") is not None:
-        from hwexp.sweep import run_trial
+        from hwexp.sweep.trial import run_trial
 
         return run_trial(splits, cfg)
-    from hwexp.track import Tracker, default_tracking_uri, fail_orphaned_runs
+    from hwexp.contract import default_tracking_uri
+    from hwexp.tracking.runs import fail_orphaned_runs
+    from hwexp.tracking.writer import Tracker
     from hwexp.train import load_init_source, train_and_evaluate
 
     init = load_init_source(cfg)  # a bad trainer.init_from fails here, before a run is started
@@ -77,16 +78,11 @@ def main(cfg: DictConfig) -> float:
     sweep's trial it is raised instead, so that the sweeper records it as the trial's error
     (``SystemExit`` would end the whole sweep).
     """
-    try:
+    with exit_on_error(reraise=cfg.get("sweep_trial") is not None):
         metrics = run_training(cfg)
         name = cfg.optimized_metric
         if name not in metrics:
             raise ConfigError(f"optimized_metric={name}: not among the metrics {sorted(metrics)}")
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        if cfg.get("sweep_trial") is not None:
-            raise
-        raise SystemExit(1) from None
     return float(metrics[name])
 
 

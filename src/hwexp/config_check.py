@@ -22,9 +22,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from hwexp.data.errors import ConfigError
 from hwexp.data.sources import SOURCES
 from hwexp.data.split import METHODS
+from hwexp.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "onecycle")

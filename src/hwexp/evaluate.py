@@ -10,7 +10,6 @@ the source run's id.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -20,7 +19,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from hwexp import CONF_DIR
-from hwexp.data.errors import ConfigError, DataError
+from hwexp.errors import ConfigError, exit_on_error
 
 if TYPE_CHECKING:
     from hwexp.train import EvaluationReport
@@ -67,14 +66,16 @@ def choose_part(part: str, cfg: Mapping, trained_config: Mapping) -> str:
 def evaluate_run(cfg: DictConfig) -> Evaluation:
     """Load ``cfg.run``, prepare ``cfg.dataset`` as the run was prepared, predict, log."""
     from hwexp.data.dataset import SplitArrays, join_splits, load_splits
-    from hwexp.track import Tracker, client_for, find_run, load_trained_model
+    from hwexp.tracking.runs import client_for, load_selected_model
+    from hwexp.tracking.writer import Tracker
     from hwexp.train import evaluate
 
     client = client_for(cfg.tracking)
-    run_id = find_run(
-        client, str(cfg.run), cfg.select.experiment, cfg.select.metric, cfg.select.parent_run
+    select = cfg.select
+    trained = load_selected_model(
+        client, str(cfg.run), select.experiment, select.metric, select.parent_run
     )
-    trained = load_trained_model(client, run_id)
+    run_id = trained.run_id
     data_cfg = data_config_for(cfg, trained.config)
     part = choose_part(str(cfg.part), cfg, trained.config)
     splits = load_splits(data_cfg)
@@ -119,13 +120,8 @@ def evaluate_run(cfg: DictConfig) -> Evaluation:
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Hydra task: evaluate one run and print its headline metrics."""
-    from hwexp.track import RunNotFound
-
-    try:
+    with exit_on_error():
         result = evaluate_run(cfg)
-    except (DataError, RunNotFound) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
     m = result.metrics
     print(
         f"run {result.source_run_id} on {cfg.dataset.name} ({result.part}, "

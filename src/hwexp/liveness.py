@@ -4,7 +4,7 @@ A long job records who runs it (``process_identity``: host, pid and the process'
 so that a reused pid is not taken for it) and keeps a heartbeat (``Heartbeat``: a daemon thread
 calling ``beat`` every interval). Another process can then tell a live job from a dead one: on
 the same host from ``/proc`` (``identity_alive``), elsewhere from the age of the last beat.
-Used for MLflow training runs (``hwexp.track``) and Optuna trials (``hwexp.sweep``).
+Used for MLflow training runs (``hwexp.tracking``) and Optuna trials (``hwexp.sweep``).
 """
 
 from __future__ import annotations

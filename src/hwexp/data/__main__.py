@@ -20,7 +20,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from hwexp import CONF_DIR
-from hwexp.data.errors import DataError
+from hwexp.errors import DataError, exit_on_error
 
 COMMANDS = ("prepare", "show", "stats", "verify", "download")
 USAGE = (
@@ -31,11 +31,8 @@ _command: list[str] = []
 
 
 def _run(cfg: DictConfig) -> None:
-    try:
+    with exit_on_error():
         _dispatch(cfg, _command[0])
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 def _dispatch(cfg: DictConfig, command: str) -> None:

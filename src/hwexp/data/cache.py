@@ -39,10 +39,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from hwexp.data.errors import DamagedCacheEntry, DataError
 from hwexp.data.preprocess import PreprocessOptions, normalise_characters
 from hwexp.data.raw import ChunkTask
 from hwexp.data.workers import map_in_processes, sigterm_exits
+from hwexp.errors import DamagedCacheEntry, DataError
 from hwexp.fsutil import atomic_write_bytes
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hwexp.data.cache import PreparedSource, load_or_prepare, resolve_workers
 from hwexp.data.charsets import CLASS_SETS, resolve_class_set
-from hwexp.data.errors import ConfigError
 from hwexp.data.folder import folder_root, list_folder_images
 from hwexp.data.preprocess import PreprocessOptions
-from hwexp.data.sources import SOURCES, plan_source
+from hwexp.data.sources import SOURCE_TABLE, SOURCES, plan_source
 from hwexp.data.split import split_samples
+from hwexp.errors import ConfigError
 
 
 class ImageView:
@@ -177,9 +177,7 @@ def prepare_sources(cfg: Mapping, progress: bool = True) -> dict[str, PreparedSo
     workers = resolve_workers(cfg.get("workers"))
     prepared = {}
     for name in dataset_sources(dataset_cfg):
-        source_options = (
-            _plain(cfg.get("synthetic")) if name == "synthetic" else _plain(dataset_cfg)
-        )
+        source_options = _plain(cfg.get(SOURCE_TABLE[name].config_block))
         plan = plan_source(name, classes, data_dir, source_options)
         prepared[name] = load_or_prepare(
             cache_dir,

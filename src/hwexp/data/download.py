@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from hwexp.data.errors import DownloadError
 from hwexp.data.kmnist import official_files
+from hwexp.errors import DownloadError
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from hwexp.data.charsets import (
     char_to_jis0208,
     jis0208_to_char,
 )
-from hwexp.data.errors import CorruptDataFile, DatasetFilesMissing
 from hwexp.data.raw import ChunkTask, RawChunk
+from hwexp.errors import CorruptDataFile, DatasetFilesMissing
 
 ETL_SITE = "http://etlcdb.db.aist.go.jp (free registration)"
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from hwexp.data.errors import ConfigError, DataError, DatasetFilesMissing, UnreadableImage
 from hwexp.data.raw import ChunkTask, RawChunk
+from hwexp.errors import ConfigError, DataError, DatasetFilesMissing, UnreadableImage
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 LABELS_FILE = "labels.txt"

@@ -25,8 +25,8 @@ from typing import IO, Literal
 
 import numpy as np
 
-from hwexp.data.errors import CorruptDataFile, DatasetFilesMissing
 from hwexp.data.raw import ChunkTask, RawChunk
+from hwexp.errors import CorruptDataFile, DatasetFilesMissing
 
 KmnistVariant = Literal["kmnist", "k49"]
 Split = Literal["train", "test"]

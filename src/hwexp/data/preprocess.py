@@ -41,8 +41,8 @@ from typing import ClassVar
 import numpy as np
 from scipy import ndimage, sparse
 
-from hwexp.data.errors import ConfigError
 from hwexp.data.raw import Ink
+from hwexp.errors import ConfigError
 
 # Ink-to-background contrast (grey levels of 255) below which an image counts as blank.
 MIN_CONTRAST = 16.0

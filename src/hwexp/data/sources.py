@@ -19,14 +19,13 @@ import numpy as np
 
 from hwexp.data import etl, folder, kmnist
 from hwexp.data.cache import file_signature
-from hwexp.data.errors import ConfigError, DataError
 from hwexp.data.raw import ChunkTask, RawChunk
+from hwexp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 ETL_SOURCES = ("etl1c", "etl8g", "etl9g", "etl8b2", "etl9b")
 KMNIST_SOURCES = ("kmnist", "k49")
-SOURCES = (*ETL_SOURCES, *KMNIST_SOURCES, "folder", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -41,34 +40,40 @@ class SourcePlan:
 def plan_source(name: str, classes: Sequence[str], data_dir: Path, options: Mapping) -> SourcePlan:
     """The plan of source ``name`` restricted to ``classes``.
 
-    ``options`` holds the source's own settings: ``path`` and ``writer_from_name`` for
-    ``folder``; the renderer options (plus ``writers``, ``first_writer``) for ``synthetic``.
+    ``options`` holds the source's own settings (its ``Source.config_block``): ``path`` and
+    ``writer_from_name`` for ``folder``; the renderer options (plus ``writers``,
+    ``first_writer``) for ``synthetic``.
 
     Raises:
         ConfigError: unknown source or bad option; DatasetFilesMissing: files absent;
         DataError: the source lacks some of the classes.
     """
-    keep = frozenset(classes)
+    if name not in SOURCE_TABLE:
+        raise ConfigError(f"unknown source {name!r}; choose one of {list(SOURCES)}")
     base = {"source": name, "classes": list(classes)}
-    if name in ETL_SOURCES:
-        fmt = etl.FORMATS[name]
-        paths = etl.etl_files(data_dir, fmt)
-        _require_classes(name, classes, etl.labels_in_files(paths, fmt))
-        description = base | {"files": [file_signature(p) for p in paths]}
-        return SourcePlan(name, description, functools.partial(etl.etl_tasks, paths, fmt, keep))
-    if name in KMNIST_SOURCES:
-        root = kmnist.check_kmnist_files(data_dir, name)
-        _require_classes(name, classes, kmnist.read_classmap(root / kmnist.classmap_file(name)))
-        files = sorted(p for p in root.iterdir() if p.name.startswith(name))
-        description = base | {"files": [file_signature(p) for p in files]}
-        return SourcePlan(
-            name, description, functools.partial(kmnist.kmnist_tasks, data_dir, name, keep)
-        )
-    if name == "folder":
-        return _plan_folder(classes, keep, options, base)
-    if name == "synthetic":
-        return _plan_synthetic(classes, options, base)
-    raise ConfigError(f"unknown source {name!r}; choose one of {list(SOURCES)}")
+    return SOURCE_TABLE[name].plan(name, classes, data_dir, options, base)
+
+
+def _plan_etl(
+    name: str, classes: Sequence[str], data_dir: Path, options: Mapping, base: dict
+) -> SourcePlan:
+    fmt = etl.FORMATS[name]
+    paths = etl.etl_files(data_dir, fmt)
+    _require_classes(name, classes, etl.labels_in_files(paths, fmt))
+    description = base | {"files": [file_signature(p) for p in paths]}
+    tasks = functools.partial(etl.etl_tasks, paths, fmt, frozenset(classes))
+    return SourcePlan(name, description, tasks)
+
+
+def _plan_kmnist(
+    name: str, classes: Sequence[str], data_dir: Path, options: Mapping, base: dict
+) -> SourcePlan:
+    root = kmnist.check_kmnist_files(data_dir, name)
+    _require_classes(name, classes, kmnist.read_classmap(root / kmnist.classmap_file(name)))
+    files = sorted(p for p in root.iterdir() if p.name.startswith(name))
+    description = base | {"files": [file_signature(p) for p in files]}
+    tasks = functools.partial(kmnist.kmnist_tasks, data_dir, name, frozenset(classes))
+    return SourcePlan(name, description, tasks)
 
 
 def _require_classes(source: str, classes: Sequence[str], available: Sequence[str] | set) -> None:
@@ -83,7 +88,10 @@ def _require_classes(source: str, classes: Sequence[str], available: Sequence[st
         )
 
 
-def _plan_folder(classes: Sequence[str], keep: frozenset[str], options: Mapping, base: dict):
+def _plan_folder(
+    name: str, classes: Sequence[str], data_dir: Path, options: Mapping, base: dict
+) -> SourcePlan:
+    keep = frozenset(classes)
     root = folder.folder_root(options.get("path"))
     items = folder.list_folder_images(root)
     present = {char for _, char in items}
@@ -119,7 +127,9 @@ def renderer_settings(options: Mapping) -> dict:
     return {k: v for k, v in options.items() if k not in SYNTHETIC_DATA_KEYS}
 
 
-def _plan_synthetic(classes: Sequence[str], options: Mapping, base: dict) -> SourcePlan:
+def _plan_synthetic(
+    name: str, classes: Sequence[str], data_dir: Path, options: Mapping, base: dict
+) -> SourcePlan:
     try:
         from hwexp.synth.kanjivg import missing_characters
         from hwexp.synth.options import SynthOptions
@@ -184,6 +194,24 @@ def _report_font_gaps(classes: Sequence[str], synth_options) -> None:
                 len(classes),
                 shown,
             )
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source: its reader (``plan``: name, classes, data dir, options, description base ->
+    ``SourcePlan``) and the config block its options come from (``dataset`` | ``synthetic``)."""
+
+    plan: Callable[[str, Sequence[str], Path, Mapping, dict], SourcePlan]
+    config_block: str = "dataset"
+
+
+SOURCE_TABLE: dict[str, Source] = {
+    **dict.fromkeys(ETL_SOURCES, Source(_plan_etl)),
+    **dict.fromkeys(KMNIST_SOURCES, Source(_plan_kmnist)),
+    "folder": Source(_plan_folder),
+    "synthetic": Source(_plan_synthetic, config_block="synthetic"),
+}
+SOURCES = tuple(SOURCE_TABLE)
 
 
 def render_writers(chars: tuple[str, ...], writers: tuple[int, ...], options) -> RawChunk:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hwexp.data.errors import ConfigError
+from hwexp.errors import ConfigError
 
 METHODS = ("writer", "random", "official")
 

@@ -17,10 +17,10 @@ import argparse
 import logging
 import os
 import re
-import sys
 from collections.abc import Sequence
 from typing import Any
 
+from hwexp.errors import exit_on_error
 from hwexp.serve.app import make_server
 from hwexp.serve.models import (
     ModelLoadError,
@@ -120,12 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("mlflow", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
+    with exit_on_error(also=(ValueError, OSError)):  # also: a bad host or port
         models = load_models(args)
         server = make_server(models, args.host, args.port)
-    except (ModelLoadError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach it can use the pad", args.host)
     for model in models:

@@ -48,24 +48,31 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from hwexp.data.errors import ConfigError
+from hwexp.contract import (
+    CLASSES_FILE,
+    CLASSES_KEY,
+    CONFIG_FILE,
+    EXPORT_DIR,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PREPROCESS_KEY,
+    TOP_K,
+    default_mlruns_dir,
+    default_tracking_uri,
+    read_classes,
+)
 from hwexp.data.preprocess import PreprocessOptions, normalise_characters
 from hwexp.data.raw import Ink
+from hwexp.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 RASTER_SIDE = 128  # px: the square canvas strokes are drawn on (the synthetic source's canvas)
 SUPERSAMPLE = 2  # strokes are drawn at this multiple of RASTER_SIDE, then area-averaged
 STROKE_WIDTH = 0.036  # pen width / canvas side: a pencil-to-felt pen of the training data
-TOP_K = 5
 MAX_PICTURE_PIXELS = 1024 * 1024  # decoded; checked from the header, before decoding
 MAX_JPEG_REDUCTION = 8  # a larger JPEG is decoded at 1/2, 1/4 or 1/8 of its size to fit
 PICTURE_FORMATS = frozenset({"PNG", "JPEG", "BMP", "GIF", "WEBP"})
-INPUT_NAME, OUTPUT_NAME = "image", "probabilities"  # the exporter's tensor names
-
-
-class ModelLoadError(Exception):
-    """A model cannot be loaded; the message says which file or registry entry and why."""
 
 
 class InputError(ValueError):
@@ -273,16 +280,11 @@ def _flatten_alpha(picture: Image.Image) -> np.ndarray:
 
 
 def _onnx_session(path: Path, threads: int) -> Any:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads that do not spin."""
-    import onnxruntime
+    """``hwexp.export.onnx.onnx_session``; its errors become ``ModelLoadError``."""
+    from hwexp.export.onnx import onnx_session
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return onnx_session(path, threads)
     except Exception as error:  # onnxruntime raises its own, unexported exception types
         raise ModelLoadError(f"{path}: not a loadable ONNX model: {error}") from error
 
@@ -296,8 +298,8 @@ def _preprocess_options(folder: Path, metadata: Mapping[str, str]) -> tuple[dict
         config = yaml.safe_load(yaml_path.read_text("utf-8")) or {}
         if isinstance(config, Mapping) and isinstance(config.get("preprocess"), Mapping):
             return dict(config["preprocess"]), str(yaml_path)
-    if "hwexp.preprocess" in metadata:
-        return json.loads(metadata["hwexp.preprocess"]), "ONNX metadata hwexp.preprocess"
+    if PREPROCESS_KEY in metadata:
+        return json.loads(metadata[PREPROCESS_KEY]), f"ONNX metadata {PREPROCESS_KEY}"
     raise ModelLoadError(
         f"no preprocessing options for the model in {folder}: expected preprocess.json, a "
         "config.yaml with a preprocess block, or ONNX metadata hwexp.preprocess (hwexp.export "
@@ -306,15 +308,13 @@ def _preprocess_options(folder: Path, metadata: Mapping[str, str]) -> tuple[dict
 
 
 def _classes(folder: Path, metadata: Mapping[str, str], outputs: int) -> tuple[str, ...]:
-    path = folder / "classes.txt"
+    path = folder / CLASSES_FILE
     if path.is_file():
-        lines = path.read_text("utf-8").split("\n")
-        classes = lines[:-1] if lines and lines[-1] == "" else lines
-        where = str(path)
-    elif "hwexp.classes" in metadata:
-        classes, where = json.loads(metadata["hwexp.classes"]), "ONNX metadata hwexp.classes"
+        classes, where = read_classes(path), str(path)
+    elif CLASSES_KEY in metadata:
+        classes, where = json.loads(metadata[CLASSES_KEY]), f"ONNX metadata {CLASSES_KEY}"
     else:
-        raise ModelLoadError(f"no classes.txt beside the model in {folder}")
+        raise ModelLoadError(f"no {CLASSES_FILE} beside the model in {folder}")
     if len(classes) != outputs:
         raise ModelLoadError(f"{where} lists {len(classes)} classes; the model has {outputs}")
     return tuple(classes)
@@ -383,19 +383,15 @@ def tracking_client(uri: str | None = None) -> Any:
         ModelLoadError: the default store does not exist yet.
     """
     from mlflow import MlflowClient
-    from omegaconf import OmegaConf
-
-    from hwexp import CONF_DIR
 
     if not uri:
-        paths = OmegaConf.create({"paths": OmegaConf.load(Path(CONF_DIR) / "paths/default.yaml")})
-        database = Path(str(paths.paths.mlruns_dir)).expanduser().resolve() / "mlflow.db"
+        uri = default_tracking_uri(default_mlruns_dir(), create=False)
+        database = Path(uri.removeprefix("sqlite:///"))
         if not database.is_file():
             raise ModelLoadError(
                 f"no MLflow store at {database}: train and export a model first "
                 "(python -m hwexp; python -m hwexp.export), or pass --tracking-uri or --model"
             )
-        uri = f"sqlite:///{database}"
     return MlflowClient(tracking_uri=uri)
 
 
@@ -425,7 +421,7 @@ def _load_export(
             folder = folder.parent
         if run_id:
             try:
-                client.download_artifacts(run_id, "config.yaml", str(folder))
+                client.download_artifacts(run_id, CONFIG_FILE, str(folder))
             except (MlflowException, OSError):
                 log.warning("%s: run %s has no config.yaml; using the export's own", source, run_id)
         model_file = _single_onnx(folder, source)
@@ -477,8 +473,8 @@ def load_run(client: Any, run_id: str, name: str | None = None, threads: int = 1
         run = client.get_run(run_id)
     except MlflowException as error:
         raise ModelLoadError(f"run {run_id!r} not found in {client.tracking_uri}") from error
-    uri = f"{run.info.artifact_uri.rstrip('/')}/export"
-    return _load_export(client, run_id, uri, name, f"runs:/{run_id}/export", threads)
+    uri = f"{run.info.artifact_uri.rstrip('/')}/{EXPORT_DIR}"
+    return _load_export(client, run_id, uri, name, f"runs:/{run_id}/{EXPORT_DIR}", threads)
 
 
 def load_all_registered(client: Any, threads: int = 1) -> list[ServedModel]:

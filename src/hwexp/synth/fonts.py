@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from hwexp.data.errors import DataError
+from hwexp.errors import DataError
 
 FONT_SUFFIXES = (".ttf", ".otf", ".ttc", ".otc")
 # Matched against the lower-cased full path: the held-out evaluation fonts.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hwexp.data.errors import DataError
+from hwexp.errors import DataError
 
 FRAME = 109.0  # side of the KanjiVG coordinate frame
 SPACING = 1.0  # arc-length distance between resampled points, in frame units

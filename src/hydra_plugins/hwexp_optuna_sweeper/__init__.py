@@ -8,7 +8,7 @@ one keeps its config vocabulary (``params`` with ``interval``/``int(interval)``/
 
 Pruning
     ``hydra/sweeper/pruner=median|successive_halving|top_fraction|hyperband|none``
-    (``top_fraction``: ``hwexp.pruning.TopFractionPruner``). Every job reports
+    (``top_fraction``: ``hwexp.sweep.pruners.TopFractionPruner``). Every job reports
     ``monitor`` (default ``val_accuracy``) after each epoch and stops when pruned; such trials
     are PRUNED in the study and KILLED (tag ``hwexp.trial_state=PRUNED``) in MLflow.
 
@@ -55,5 +55,5 @@ MLflow
     carries ``hwexp.best_trial=true``.
 
 Modules: ``config`` (structured configs, ConfigStore), ``hwexp_optuna_sweeper`` (the plugin
-class), ``_search_space`` (parsing), ``_impl`` (the loop); the job side is ``hwexp.sweep``.
+class), ``_search_space`` (parsing), ``_impl`` (the loop); the job side is ``hwexp.sweep.trial``.
 """

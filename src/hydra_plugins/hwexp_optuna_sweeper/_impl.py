@@ -44,22 +44,24 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from hwexp.sweep import (
-    ERROR_ATTR,
-    SURPLUS_ATTR,
-    WORKER_ATTR,
-    Heartbeat,
-    StudyRun,
-    SweepTrial,
-    TrialCounts,
-    error_text,
+from hwexp.sweep.storage import (
     fail_stale_trials,
     masked_url,
     normalized_storage_url,
     open_storage,
     quiet_optuna,
+)
+from hwexp.sweep.study import (
+    ERROR_ATTR,
+    SURPLUS_ATTR,
+    WORKER_ATTR,
+    Heartbeat,
+    StudyRun,
+    TrialCounts,
+    error_text,
     trial_id,
 )
+from hwexp.sweep.trial import SweepTrial
 
 from ._search_space import SearchSpace, parse_search_space
 

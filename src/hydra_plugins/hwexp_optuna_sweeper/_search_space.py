@@ -37,7 +37,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from hwexp.sweep import override_value
+from hwexp.sweep.overrides import override_value
 
 PRIMITIVES = (str, int, float, bool, type(None))
 KNOWN_TAGS = {"log"}

@@ -65,11 +65,11 @@ class SuccessiveHalvingPrunerConf:
 
 @dataclass
 class TopFractionPrunerConf:
-    """``hwexp.pruning.TopFractionPruner``: successive halving for small studies; at epochs
+    """``hwexp.sweep.pruners.TopFractionPruner``: successive halving for small studies; at epochs
     min_resource * reduction_factor**k keep the top ceil(n / reduction_factor) trials by their
     best value so far."""
 
-    _target_: str = "hwexp.pruning.TopFractionPruner"
+    _target_: str = "hwexp.sweep.pruners.TopFractionPruner"
     min_resource: int = 1
     reduction_factor: int = 4
 

@@ -1,0 +1,67 @@
+"""What training, tracking, export and serving agree on about a model and its run (no Keras,
+no MLflow): tensor names, top-k, the ``classes.txt`` format, tags and metadata keys, artifact
+paths and the default tracking store. Change a value here and every side follows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+# Tensors of every trained and exported model: uint8 (n, S, S, 1) in, float32 (n, classes) out.
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+TOP_K = 5  # the k of top-k accuracy and of the served guesses
+INK = "white-on-black"  # input polarity of every model (as hwexp.data.preprocess writes it)
+
+# Artifacts of a training run.
+MODEL_DIR = "model"  # model/model.keras + model/classes.txt
+MODEL_FILE = "model.keras"
+CLASSES_FILE = "classes.txt"
+CONFIG_FILE = "config.yaml"
+EXPORT_DIR = "export"  # a verified export, logged to the run it was made from
+
+# Run tags.
+HAS_MODEL_TAG = "hwexp.has_model"  # set once a run's model artifact is complete
+EXPORTED_TAG = "hwexp.exported"  # "true" once a verified export is logged to a run
+SWEEP_ID_TAG = "hwexp.sweep_id"  # on a sweep's parent run: the absolute hydra.sweep.dir
+BEST_TRIAL_TAG = "hwexp.best_trial"  # "true" on the child run of a study's best trial
+ERROR_TAG = "hwexp.error"  # why a run or trial failed
+
+# Metadata keys of an exported model (ONNX metadata, Core ML user-defined metadata).
+RUN_ID_KEY = "hwexp.run_id"
+PREPROCESS_KEY = "hwexp.preprocess"  # JSON of the preprocessing options
+CLASSES_KEY = "hwexp.classes"  # JSON list of the classes (ONNX only)
+
+
+def write_classes(path: str | Path, classes: Sequence[str]) -> None:
+    """Write ``classes`` to ``path``: UTF-8, one class per line, line i is output i.
+
+    Raises ``ValueError`` when a class contains a newline (the file would be ambiguous)."""
+    if any("\n" in c for c in classes):
+        raise ValueError(f"a class name contains a newline; {CLASSES_FILE} would be ambiguous")
+    Path(path).write_text("".join(f"{c}\n" for c in classes), "utf-8")
+
+
+def read_classes(path: str | Path) -> tuple[str, ...]:
+    """The classes of a file ``write_classes`` wrote (its final newline does not add one)."""
+    lines = Path(path).read_text("utf-8").split("\n")
+    return tuple(lines[:-1] if lines and lines[-1] == "" else lines)
+
+
+def default_tracking_uri(mlruns_dir: str | Path, create: bool = True) -> str:
+    """``sqlite:///<absolute mlruns_dir>/mlflow.db``; ``create`` makes ``mlruns_dir``."""
+    root = Path(mlruns_dir).expanduser().resolve()
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def default_mlruns_dir() -> Path:
+    """``mlruns_dir`` of ``conf/paths/default.yaml`` (``<$HWEXP_ROOT or .>/mlruns``), absolute."""
+    from omegaconf import OmegaConf
+
+    from hwexp import CONF_DIR
+
+    paths = OmegaConf.create({"paths": OmegaConf.load(Path(CONF_DIR) / "paths" / "default.yaml")})
+    return Path(str(paths.paths.mlruns_dir)).expanduser().resolve()

@@ -1,0 +1,71 @@
+"""Every error hwexp reports to its user, and the one wrapper that turns them into an exit code.
+
+Each message names the file, record, run or option and what to do. ``HwexpError`` is the base:
+the command line prints ``error: <message>`` and exits with status 1 (``exit_on_error``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+
+class HwexpError(Exception):
+    """Base class of every error meant for the user (a message, not a traceback)."""
+
+
+class DataError(HwexpError):
+    """Base class of every data-layer error."""
+
+
+class DatasetFilesMissing(DataError):
+    """A dataset's raw files are not where the configuration says."""
+
+
+class CorruptDataFile(DataError):
+    """A raw file is truncated or not of the expected format."""
+
+
+class UnreadableImage(DataError):
+    """An image in a user's folder cannot be decoded."""
+
+
+class DownloadError(DataError):
+    """A download failed or its checksum does not match."""
+
+
+class ConfigError(DataError):
+    """A dataset, preprocessing or split option is invalid."""
+
+
+class DamagedCacheEntry(DataError):
+    """A prepared-array cache entry is incomplete or no longer matches what was recorded."""
+
+
+class RunNotFound(HwexpError, LookupError):
+    """A run reference names no run, or no run with a trained model."""
+
+
+class ExportError(HwexpError, RuntimeError):
+    """A conversion or a check failed; nothing was written to the output folder."""
+
+
+class ModelLoadError(HwexpError):
+    """A model cannot be loaded; the message says which file or registry entry and why."""
+
+
+@contextlib.contextmanager
+def exit_on_error(
+    also: tuple[type[BaseException], ...] = (), reraise: bool = False
+) -> Iterator[None]:
+    """Print an ``HwexpError`` (or one of ``also``) as ``error: <message>`` on stderr and exit
+    with status 1; with ``reraise`` (a sweep's trial, whose sweeper records the error) print it
+    and raise it again instead."""
+    try:
+        yield
+    except (HwexpError, *also) as error:
+        print(f"error: {error}", file=sys.stderr)
+        if reraise:
+            raise
+        raise SystemExit(1) from None
