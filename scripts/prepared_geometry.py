@@ -27,8 +27,6 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def ink_geometry(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per prepared image (ink high): the ink box's larger side in pixels (pixels >= 128) and
@@ -92,7 +90,9 @@ def pad_images(chars: list[str], options) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _synthetic_defaults() -> dict:
-    return yaml.safe_load((ROOT / "conf" / "synthetic" / "default.yaml").read_text())
+    from hwexp import CONF_DIR
+
+    return yaml.safe_load((Path(CONF_DIR) / "synthetic" / "default.yaml").read_text())
 
 
 def summarise(images: np.ndarray, labels: np.ndarray) -> dict:
@@ -120,10 +120,11 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
+    from hwexp import CONF_DIR
     from hwexp.data.charsets import resolve_class_set
     from hwexp.data.preprocess import PreprocessOptions
 
-    config = yaml.safe_load((ROOT / "conf" / "preprocess" / "default.yaml").read_text())
+    config = yaml.safe_load((Path(CONF_DIR) / "preprocess" / "default.yaml").read_text())
     for item in args.set:
         key, _, value = item.partition("=")
         config[key] = yaml.safe_load(value)
