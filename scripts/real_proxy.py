@@ -117,10 +117,6 @@ SETS = {
 }
 
 
-def is_small_kana(char: str) -> bool:
-    return " SMALL " in unicodedata.name(char, "")
-
-
 def full_size_of(char: str) -> str | None:
     """つ for っ; None for characters with no small form."""
     name = unicodedata.name(char, "")
@@ -284,6 +280,8 @@ def build(
     each character at its glyph's own size against the writer's median glyph, small kana at
     0.6-0.85 of that (hands write them smaller than fonts do), with 6 % jitter.
     """
+    from hwexp.synth.render import SMALL_KANA
+
     counts = {}
     for name in SETS:
         for char in chars:
@@ -296,7 +294,7 @@ def build(
         rng = np.random.default_rng([seed, writer])
         small_factor = rng.uniform(0.6, 0.85)  # hands write small kana smaller than fonts
         natural = extents / np.median(extents)
-        natural[[is_small_kana(c) for c in chars]] *= small_factor
+        natural[[c in SMALL_KANA for c in chars]] *= small_factor
         for name, style in SETS.items():
             # A writer's habitual size: the set's median and spread (5th..95th percentile).
             median, low, high = style.box
@@ -367,7 +365,7 @@ def confusion_figures(
     }
 
 
-def evaluate_set(run: str, folder: Path, root: Path | None, overrides: list[str]) -> dict:
+def evaluate_set(run: str, folder: Path, overrides: list[str]) -> dict:
     """``hwexp.evaluate run=<run> dataset=folder dataset.path=<folder>``, as a user runs it."""
     from hydra import compose, initialize_config_dir
 
@@ -432,7 +430,7 @@ def main() -> int:
         f"{'top-5':>7s} {'full→small':>10s} {'small→full':>10s}  catch-all | top confusions"
     )
     for name in args.sets:
-        figures = evaluate_set(args.run, Path(args.proxy).resolve() / name, None, args.overrides)
+        figures = evaluate_set(args.run, Path(args.proxy).resolve() / name, args.overrides)
         results[name] = figures
         basic = figures["basic46_accuracy"]
         sink = figures["catch_all"]
