@@ -37,3 +37,18 @@ def run_module(
         text=True,
         timeout=timeout,
     )
+
+
+# What the option check prints for the typo ``+dataset.limt_classes=5`` (tests of bad options).
+TYPO_ERROR = (
+    "error: dataset.limt_classes=5: unknown option (did you mean limit_classes?); known: "
+    "classes, limit_classes, name, path, source, weights, writer_from_name"
+)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """The ``error:`` lines a command printed, after checking it failed with exit 1 and no
+    traceback."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
