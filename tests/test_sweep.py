@@ -88,7 +88,9 @@ def states(study: optuna.Study) -> dict[int, TrialState]:
 
 
 def wait_for_running_trial(storage: str, process: subprocess.Popen, timeout_s: float = 180):
-    """The number of the first RUNNING trial of the study (polling its storage)."""
+    """The number of the first RUNNING trial of the study whose job has started (it has its
+    MLflow run, so all its parameters are suggested), polling the storage. A trial is RUNNING
+    from the moment it is asked for, before its parameters are stored."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read() if process.stdout else ""
@@ -96,8 +98,9 @@ def wait_for_running_trial(storage: str, process: subprocess.Popen, timeout_s: f
             running = load_study(storage).get_trials(states=(TrialState.RUNNING,))
         except KeyError:  # the study does not exist yet
             running = []
-        if running:
-            return running[0].number
+        started = [t for t in running if MLFLOW_RUN_ATTR in t.user_attrs]
+        if started:
+            return started[0].number
         time.sleep(0.3)
     raise AssertionError("no trial started in time")
 
