@@ -27,6 +27,10 @@ EXPORTED_TAG = "hwexp.exported"  # "true" once a verified export is logged to a 
 SWEEP_ID_TAG = "hwexp.sweep_id"  # on a sweep's parent run: the absolute hydra.sweep.dir
 BEST_TRIAL_TAG = "hwexp.best_trial"  # "true" on the child run of a study's best trial
 ERROR_TAG = "hwexp.error"  # why a run or trial failed
+EVALUATED_RUN_TAG = "hwexp.evaluated_run"  # on an evaluation run: the run it evaluated
+# On an evaluation run: how many of the evaluated writers wrote samples of the evaluated run's
+# training split ("0": none; "unknown": the run's training data could not be rebuilt).
+WRITER_OVERLAP_TAG = "hwexp.writer_overlap"
 
 # Metadata keys of an exported model (ONNX metadata, Core ML user-defined metadata).
 RUN_ID_KEY = "hwexp.run_id"

@@ -2,6 +2,7 @@
 
 Each message names the file, record, run or option and what to do. ``HwexpError`` is the base:
 the command line prints ``error: <message>`` and exits with status 1 (``exit_on_error``).
+``warn`` and ``note`` print the ``warning:`` and ``note:`` lines of a command that goes on.
 """
 
 from __future__ import annotations
@@ -69,3 +70,14 @@ def exit_on_error(
         if reraise:
             raise
         raise SystemExit(1) from None
+
+
+def warn(message: str) -> None:
+    """Print ``warning: <message>`` on stderr: not an error, but something that changes what
+    the user's results mean (the command goes on)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def note(message: str) -> None:
+    """Print ``note: <message>`` on stderr: a choice hwexp made that the user should know of."""
+    print(f"note: {message}", file=sys.stderr)

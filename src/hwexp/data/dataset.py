@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from hwexp.data.cache import PreparedSource, load_or_prepare, resolve_workers
 from hwexp.data.charsets import CLASS_SETS, resolve_class_set
@@ -165,6 +165,33 @@ def _plain(cfg) -> dict:
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True)
     return dict(cfg or {})
+
+
+def data_keys(sources: Sequence[str]) -> tuple[str, ...]:
+    """The root config keys that define the samples and splits of a dataset of ``sources``,
+    besides ``preprocess`` and ``paths``: ``dataset``, ``split``, ``seed`` and the sources'
+    option blocks (``synthetic``)."""
+    blocks = (SOURCE_TABLE[name].config_block for name in sources if name in SOURCE_TABLE)
+    return tuple(dict.fromkeys(("dataset", "split", "seed", *blocks)))
+
+
+def run_data_config(
+    cfg: Mapping, trained_config: Mapping, sources: Sequence[str] | None = None
+) -> DictConfig:
+    """A trained run's data config (its ``dataset``, ``preprocess``, ``split``, source options
+    such as ``synthetic``, ``seed``) with this command's ``paths`` and ``workers``: what
+    ``load_splits`` needs to rebuild the run's splits on this machine. ``sources``: keep only
+    these of the run's sources; each source is split on its own, so their splits stay the run's.
+    """
+    merged = OmegaConf.create(dict(trained_config))
+    with open_dict(merged):
+        merged.paths = OmegaConf.to_container(cfg["paths"], resolve=True)
+        merged.workers = cfg.get("workers", "auto")
+        if sources is not None and set(sources) != set(dataset_sources(merged.dataset)):
+            weights = _plain(merged.dataset.get("weights"))
+            merged.dataset.source = sources[0] if len(sources) == 1 else list(sources)
+            merged.dataset.weights = {k: v for k, v in weights.items() if k in sources}
+    return merged
 
 
 def prepare_sources(cfg: Mapping, progress: bool = True) -> dict[str, PreparedSource]:

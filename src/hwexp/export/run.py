@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 from hwexp import __version__
 from hwexp.contract import CLASSES_FILE, INK, INPUT_NAME, PREPROCESS_KEY, RUN_ID_KEY, write_classes
+from hwexp.data.dataset import run_data_config
 from hwexp.errors import ConfigError, ExportError
 from hwexp.export.base import Conversion, Exported
 from hwexp.export.coreml import CORE_ML_LABEL, CORE_ML_PROBS
@@ -67,16 +68,6 @@ def inference_model(model: keras.Model) -> keras.Model:
     if stripped.inputs[0].dtype != "uint8":
         raise ExportError(f"expected a uint8 image input, got {stripped.inputs[0].dtype}")
     return stripped
-
-
-def run_data_config(cfg: Mapping[str, Any], trained_config: Mapping[str, Any]) -> DictConfig:
-    """The trained run's data config (dataset, preprocess, split, synthetic, seed) with this
-    command's ``paths`` and ``workers``: the run's test split, read from this machine's cache."""
-    merged = OmegaConf.create(dict(trained_config))
-    with open_dict(merged):
-        merged.paths = OmegaConf.to_container(cfg["paths"], resolve=True)
-        merged.workers = cfg.get("workers", "auto")
-    return merged
 
 
 def _requested_formats(cfg: Mapping[str, Any]) -> list[str]:
