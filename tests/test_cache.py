@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -157,6 +158,20 @@ def test_checksums_are_recorded_and_an_unchanged_entry_is_not_rehashed(tmp_path,
     assert len(info["files"]["labels.npy"]["sha256"]) == 64
     monkeypatch.setattr(cache, "_file_records", lambda *a: pytest.fail("hashed again"))
     _prepare(tmp_path)
+
+
+def test_entries_are_readable_by_others_as_the_umask_allows(tmp_path):
+    old = os.umask(0o022)
+    try:
+        entry = _prepare(tmp_path / "cache").path
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [entry, *entry.iterdir()]}
+    assert modes == {
+        entry.name: 0o755,
+        **dict.fromkeys(["images.npy", "labels.npy", "writers.npy", "meta_n.npy"], 0o644),
+        "entry.json": 0o644,
+    }
 
 
 def test_an_entry_from_before_checksums_gets_them(tmp_path):

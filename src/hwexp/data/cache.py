@@ -43,7 +43,7 @@ from hwexp.data.preprocess import PreprocessOptions, normalise_characters
 from hwexp.data.raw import ChunkTask
 from hwexp.data.workers import map_in_processes, sigterm_exits
 from hwexp.errors import DamagedCacheEntry, DataError
-from hwexp.fsutil import atomic_write_bytes
+from hwexp.fsutil import atomic_write_bytes, make_temporary_dir
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +448,7 @@ def _build(
     if total == 0:
         raise DataError(f"source {source!r} has no samples of the requested classes")
     with sigterm_exits():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        tmp = make_temporary_dir(final.parent, f".{final.name}.")
         try:
             count, meta_fields, skipped = _write_arrays(
                 tmp, source, tasks, options, workers, progress

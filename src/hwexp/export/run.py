@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from hwexp.export.base import Conversion, Exported
 from hwexp.export.coreml import CORE_ML_LABEL, CORE_ML_PROBS
 from hwexp.export.formats import FORMATS
 from hwexp.export.verify import verify
+from hwexp.fsutil import make_temporary_dir
 
 if TYPE_CHECKING:
     import keras
@@ -179,8 +179,7 @@ def export_run(cfg: DictConfig) -> ExportResult:
     out_root = Path(str(cfg.output_dir)).expanduser().resolve()
     out_root.mkdir(parents=True, exist_ok=True)
     final = out_root / run_id
-    staging = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=out_root))
-    staging.chmod(0o755)  # mkdtemp's 0700 would stay on the final folder
+    staging = make_temporary_dir(out_root, f".{run_id}-")
     try:
         try:
             cv = _conversion(cfg, model, trained, splits.train, staging)
