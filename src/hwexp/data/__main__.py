@@ -20,7 +20,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from hwexp import CONF_DIR
-from hwexp.errors import DataError, exit_on_error
+from hwexp.errors import ConfigError, DataError, exit_on_error
 
 COMMANDS = ("prepare", "show", "stats", "verify", "download")
 USAGE = (
@@ -46,7 +46,7 @@ def _dispatch(cfg: DictConfig, command: str) -> None:
         _verify(Path(cfg.paths.cache_dir).expanduser().resolve(), bool(cfg.verify.remove))
         return
     from hwexp.data.dataset import class_set_of, load_splits, prepare_sources
-    from hwexp.data.show import count_table, sample_grid, save_png
+    from hwexp.data.show import count_table
 
     classes, _ = class_set_of(cfg.dataset)
     prepared = prepare_sources(cfg)
@@ -55,29 +55,57 @@ def _dispatch(cfg: DictConfig, command: str) -> None:
             print(f"{source.name}: {len(source)} images {source.images.shape[1:]} -> {source.path}")
     elif command == "stats":
         for source in prepared.values():
-            print(count_table(source, classes))
+            print(count_table(source, classes, all_classes=bool(cfg.stats.all_classes)))
         splits = load_splits(cfg, progress=False)
         for split in ("train", "val", "test"):
             part = getattr(splits, split)
             print(f"{split}: {len(part)} samples, {len(np.unique(part.writers))} writers")
     elif command == "show":
-        for source in prepared.values():
-            grid = sample_grid(
-                source.images,
-                source.labels,
-                source.writers,
-                classes,
-                per_class=cfg.show.per_class,
-                max_classes=cfg.show.max_classes,
-                seed=cfg.seed,
-            )
-            default = Path(cfg.paths.cache_dir).expanduser().resolve().parent / (
-                f"show-{cfg.dataset.name}-{source.name}.png"
-            )
-            output = Path(cfg.show.output) if cfg.show.output else default
-            if len(prepared) > 1 and cfg.show.output:
-                output = output.with_name(f"{output.stem}-{source.name}{output.suffix}")
-            print(save_png(grid, output))
+        _show(cfg, prepared, classes)
+
+
+def _show(cfg: DictConfig, prepared: dict, classes: tuple[str, ...]) -> None:
+    """One PNG grid per source (``show.split``: of that split's samples only)."""
+    from hwexp.data.dataset import load_splits
+    from hwexp.data.show import sample_grid, save_png
+
+    split = cfg.show.split
+    if split not in (None, "train", "val", "test"):
+        raise ConfigError(f"show.split={split}: choose train, val, test or null (every sample)")
+    splits = load_splits(cfg, progress=False) if split else None
+    for source in prepared.values():
+        images, labels, writers = source.images, source.labels, source.writers
+        what = "samples"
+        if splits is not None:
+            part = getattr(splits, split)
+            rows = np.flatnonzero(part.sources == source.name)
+            images = part.images.subset(rows)
+            labels = np.asarray(splits.classes)[part.labels[rows]]
+            writers = part.writers[rows]
+            what = f"{split} samples (split={cfg.split.method}, seed={cfg.seed})"
+        rows_shown = min(int(cfg.show.max_classes), len(classes))
+        title = (
+            f"{cfg.dataset.name}, source {source.name}: {len(labels)} {what} of "
+            f"{len(classes)} classes, writers: {len(np.unique(writers))}; {rows_shown} classes "
+            "shown, one a row; writer id under each image"
+        )
+        grid = sample_grid(
+            images,
+            labels,
+            writers,
+            classes,
+            per_class=cfg.show.per_class,
+            max_classes=cfg.show.max_classes,
+            seed=cfg.seed,
+            title=title,
+        )
+        default = Path(cfg.paths.cache_dir).expanduser().resolve().parent / (
+            f"show-{cfg.dataset.name}-{source.name}{f'-{split}' if split else ''}.png"
+        )
+        output = Path(cfg.show.output) if cfg.show.output else default
+        if len(prepared) > 1 and cfg.show.output:
+            output = output.with_name(f"{output.stem}-{source.name}{output.suffix}")
+        print(save_png(grid, output))
 
 
 def _verify(cache_dir: Path, remove: bool) -> None:

@@ -12,6 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 from hwexp.data.cache import PreparedSource
 from hwexp.fsutil import atomic_write_bytes
 
+SUMMARY_ABOVE = 50  # class sets larger than this get a summary of counts per class, not a table
+
 
 @lru_cache(maxsize=4)  # a few sizes: sample grids, captions, MLflow error grids
 def japanese_font(size: int = 20) -> ImageFont.ImageFont | None:
@@ -31,9 +33,12 @@ def sample_grid(
     max_classes: int = 48,
     seed: int = 0,
     cell: int = 48,
+    title: str | None = None,
 ) -> Image.Image:
-    """A grid: one row per class (at most ``max_classes``, evenly spread), ``per_class``
-    samples from different writers where possible; the character is drawn at the row's left.
+    """A grid: ``title`` (wrapped to the grid's width) on top, then one row per class (at most
+    ``max_classes``, evenly spread), ``per_class`` samples from different writers where
+    possible, each with its writer id below it (without the ``<source>:`` prefix, shortened
+    from the left to fit); the character is drawn at the row's left.
 
     Prepared images are ink-bright; the grid shows them dark on white, as on paper.
     """
@@ -46,9 +51,19 @@ def sample_grid(
     ]
     shown = list(dict.fromkeys(shown))
     font = japanese_font(int(cell * 0.6))
-    grid = Image.new("L", ((per_class + 1) * cell, len(shown) * cell), 255)
+    caption_px, title_px = max(9, cell // 5), max(12, cell // 4)
+    small = japanese_font(caption_px) or ImageFont.load_default()
+    title_font = japanese_font(title_px) or ImageFont.load_default()
+    width = (per_class + 1) * cell
+    row_height = cell + caption_px + 3
+    title_lines = _wrap(title, title_font, width - 8) if title else []
+    top = len(title_lines) * (title_px + 4) + (6 if title_lines else 0)
+    grid = Image.new("L", (width, top + len(shown) * row_height), 255)
     draw = ImageDraw.Draw(grid)
+    for k, line in enumerate(title_lines):
+        draw.text((4, 3 + k * (title_px + 4)), line, fill=0, font=title_font)
     for row, char in enumerate(shown):
+        y = top + row * row_height
         members = np.flatnonzero(labels == char)
         rng.shuffle(members)
         # one sample per writer first, then repeats
@@ -56,15 +71,40 @@ def sample_grid(
         ordered = np.concatenate([members[np.sort(first)], np.setdiff1d(members, members[first])])
         for col, index in enumerate(ordered[:per_class]):
             tile = Image.fromarray(255 - np.asarray(images[index])).resize((cell, cell))
-            grid.paste(tile, ((col + 1) * cell, row * cell))
+            grid.paste(tile, ((col + 1) * cell, y))
+            writer = _fit(draw, str(writers[index]).split(":", 1)[-1], small, cell - 2)
+            x = (col + 1) * cell + (cell - draw.textlength(writer, font=small)) / 2
+            draw.text((x, y + cell + 1), writer, fill=0, font=small)
         text = char if font else f"U+{ord(char):04X}" if len(char) == 1 else char
         draw.text(
-            (cell * 0.15, row * cell + cell * 0.15),
+            (cell * 0.15, y + cell * 0.15),
             text,
             fill=0,
             font=font or ImageFont.load_default(),
         )
     return grid
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:
+    """``text``, or its end after an ellipsis, whichever fits in ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    for start in range(1, len(text)):
+        if draw.textlength("…" + text[start:], font=font) <= width:
+            return "…" + text[start:]
+    return "…"
+
+
+def _wrap(text: str, font, width: float) -> list[str]:
+    """``text`` broken at spaces into lines of at most ``width`` pixels (a longer word alone)."""
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 def captioned_grid(
@@ -105,17 +145,25 @@ def save_png(image: Image.Image, path: Path) -> Path:
     return Path(path)
 
 
-def count_table(source: PreparedSource, classes: tuple[str, ...]) -> str:
-    """Counts per class (in class order) and a summary of samples per writer, as text."""
+def count_table(
+    source: PreparedSource, classes: tuple[str, ...], all_classes: bool = False, extremes: int = 10
+) -> str:
+    """Counts per class and a summary of samples per writer, as text. Up to
+    ``SUMMARY_ABOVE`` classes (or with ``all_classes``), one line per class in class order;
+    beyond, the distribution (min / quartiles / median / max), the classes without samples
+    and the ``extremes`` classes with the fewest and the most samples."""
     per_class = Counter(source.labels.tolist())
     per_writer = Counter(source.writers.tolist())
     lines = [
         f"source {source.name}: {len(source)} samples, {len(per_class)} classes, "
         f"{len(per_writer)} writers  ({source.path})",
         "",
-        "class  count",
     ]
-    lines += [f"{char:<5}  {per_class.get(char, 0)}" for char in classes]
+    if all_classes or len(classes) <= SUMMARY_ABOVE:
+        lines += ["class  count"]
+        lines += [f"{char:<5}  {per_class.get(char, 0)}" for char in classes]
+    else:
+        lines += _class_summary(per_class, classes, extremes)
     counts = np.array(sorted(per_writer.values()))
     lines += [
         "",
@@ -125,3 +173,26 @@ def count_table(source: PreparedSource, classes: tuple[str, ...]) -> str:
     top = per_writer.most_common(5)
     lines += ["largest writers: " + ", ".join(f"{w} ({n})" for w, n in top)]
     return "\n".join(lines)
+
+
+def _class_summary(per_class: Counter, classes: tuple[str, ...], extremes: int) -> list[str]:
+    counts = np.array([per_class.get(char, 0) for char in classes])
+    q1, median, q3 = np.percentile(counts, [25, 50, 75])
+    empty = "".join(classes[i] for i in np.flatnonzero(counts == 0))
+
+    def listed(order: np.ndarray) -> str:  # ties in class order
+        return ", ".join(f"{classes[i]} {counts[i]}" for i in order[:extremes])
+
+    head = f"samples per class ({len(classes)} classes; one line each: stats.all_classes=true):"
+    if counts.min() == counts.max():
+        return [f"{head} {counts.min()} each"]
+    lines = [
+        f"{head} min {counts.min()} / 25% {q1:g} / median {median:g} / 75% {q3:g} / "
+        f"max {counts.max()}, mean {counts.mean():.1f}",
+        f"fewest: {listed(np.argsort(counts, kind='stable'))}",
+        f"most: {listed(np.argsort(-counts, kind='stable'))}",
+    ]
+    if empty:
+        shown = empty if len(empty) <= 40 else f"{empty[:40]} (+{len(empty) - 40} more)"
+        lines.append(f"classes without samples: {len(empty)}: {shown}")
+    return lines
