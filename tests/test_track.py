@@ -173,6 +173,52 @@ def test_figures_render_without_errors() -> None:
     assert list(empty.axes[0].patches) == []
 
 
+def test_confusion_figure_counts_on_integer_ticks_beside_example_images() -> None:
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.offsetbox import AnnotationBbox
+
+    def bar(column: int) -> np.ndarray:
+        image = np.zeros((48, 48), np.uint8)
+        image[8:40, column : column + 6] = 255
+        return image
+
+    misread_a, right_o, misread_i = bar(10), bar(20), bar(30)
+    figure = reports.confusion_figure(
+        [("あ", "お", 3), ("い", "り", 1)], [(misread_a, right_o), (misread_i, None)]
+    )
+    FigureCanvasAgg(figure).draw()
+    axis = figure.axes[0]
+    ticks = [t for t in axis.get_xticks() if axis.get_xlim()[0] <= t <= axis.get_xlim()[1]]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)  # counts: no 0.5
+    tiles = [a for a in axis.artists if isinstance(a, AnnotationBbox)]
+    shown = [(box.xy[1], box.offsetbox.get_data()) for box in tiles]
+    assert len(shown) == 3  # い→り has no correctly read り
+    expected = [(1, misread_a), (1, right_o), (0, misread_i)]  # the top bar is the first pair
+    for (y, data), (row, image) in zip(shown, expected, strict=True):
+        assert y == row
+        np.testing.assert_array_equal(data, 255 - image)  # dark on white
+
+
+def test_confusion_examples_pick_the_most_confident_error_and_a_right_sample() -> None:
+    import numpy as np
+
+    from hwexp.train import EvaluationReport
+
+    report = EvaluationReport(
+        classes=("あ", "お"),
+        labels=np.array([0, 0, 0, 1, 1]),
+        top_k=np.array([[1, 0], [1, 0], [0, 1], [1, 0], [1, 0]]),
+        top_k_probs=np.array([[0.6, 0.4], [0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.95, 0.05]]),
+        true_probs=np.zeros(5, np.float32),
+        writers=np.array(["w"] * 5),
+        sources=np.array(["s"] * 5),
+        images=np.zeros((5, 8, 8), np.uint8),
+    )
+    assert report.confusion_pairs() == [("あ", "お", 2)]
+    assert report.confusion_examples([("あ", "お", 2), ("お", "あ", 0)]) == [(1, 4), (-1, 2)]
+
+
 def test_misclassified_grid_shows_each_error_with_its_caption() -> None:
     import numpy as np
 

@@ -101,6 +101,24 @@ class EvaluationReport:
             for i in order
         ]
 
+    def confusion_examples(self, pairs: list[tuple[str, str, int]]) -> list[tuple[int, int]]:
+        """For each (true, predicted, count) pair: the index of its most confident error (a
+        sample of ``true`` read as ``predicted``) and of the most confidently right sample of
+        ``predicted`` (-1 when there is none), e.g. to show what the model mixed up."""
+        index_of = {char: i for i, char in enumerate(self.classes)}
+        confidence = self.top_k_probs[:, 0]
+
+        def most_confident(rows: np.ndarray) -> int:
+            return int(rows[np.argmax(confidence[rows])]) if len(rows) else -1
+
+        examples = []
+        for true, predicted, _ in pairs:
+            t, p = index_of[true], index_of[predicted]
+            wrong = np.flatnonzero((self.labels == t) & (self.predicted == p))
+            right = np.flatnonzero((self.labels == p) & self.correct)
+            examples.append((most_confident(wrong), most_confident(right)))
+        return examples
+
     def misclassified(self, limit: int = 36) -> np.ndarray:
         """Indices of up to ``limit`` wrong predictions, the most confident mistakes first."""
         wrong = np.flatnonzero(~self.correct)

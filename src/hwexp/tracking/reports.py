@@ -84,9 +84,16 @@ def misclassified_grid(
     return captioned_grid(report.images[indices], captions, columns, cell=72, caption_px=15)
 
 
-def confusion_figure(pairs: Sequence[tuple[str, str, int]]) -> Figure:
-    """Horizontal bars: count of each most-confused (true → predicted) pair, most at the top."""
-    figure = Figure(figsize=(6, 0.35 * max(len(pairs), 3) + 1), layout="constrained")
+def confusion_figure(
+    pairs: Sequence[tuple[str, str, int]],
+    examples: Sequence[tuple[np.ndarray | None, np.ndarray | None]] = (),
+) -> Figure:
+    """Horizontal bars: count of each most-confused (true → predicted) pair, most at the top,
+    on an integer axis. ``examples[i]``, when given, are two ink-bright images shown (dark on
+    white) beside pair i's label: a sample of the true class read as the predicted one, and a
+    sample of the predicted class read correctly (None: no such sample)."""
+    row_in, tile_pt, gap_pt = (0.45, 27.0, 4.0) if examples else (0.35, 0.0, 0.0)
+    figure = Figure(figsize=(6.5, row_in * max(len(pairs), 3) + 1.1), layout="constrained")
     axis = figure.subplots()
     labels = [pair_text(true, predicted) for true, predicted, _ in pairs]
     positions = np.arange(len(pairs))[::-1]
@@ -95,9 +102,42 @@ def confusion_figure(pairs: Sequence[tuple[str, str, int]]) -> Figure:
     for tick, (_, font) in zip(axis.get_yticklabels(), labels, strict=True):
         if font is not None:
             tick.set_fontproperties(font)
-    axis.set_xlabel("test samples")
-    axis.set_title("most confused pairs (true → predicted)")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel("samples")
+    title = "most confused pairs (true → predicted)"
+    if examples:
+        title += "\nimages: a misread sample, and a sample of the predicted class read right"
+        for position, pair_examples in zip(positions, examples, strict=False):
+            for k, image in enumerate(pair_examples):  # the misread sample leftmost
+                if image is not None:
+                    _add_tile(axis, image, position, -(gap_pt + tile_pt) * (2 - k), tile_pt)
+        axis.tick_params(axis="y", pad=2 * (gap_pt + tile_pt) + gap_pt)
+    axis.set_title(title, fontsize=9 if examples else None)
     return figure
+
+
+def _add_tile(axis: Any, image: np.ndarray, y: float, x_offset_pt: float, size_pt: float) -> None:
+    """Draw ``image`` (ink-bright) dark on white, ``size_pt`` points high, its left edge
+    ``x_offset_pt`` points right of the axis's left side, centred on data row ``y``."""
+    from matplotlib.colors import Normalize
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    pixels = np.asarray(image, dtype=np.uint8)
+    tile = OffsetImage(255 - pixels, zoom=size_pt / pixels.shape[0], cmap="gray")
+    tile.get_children()[0].set_norm(Normalize(0, 255))
+    box = AnnotationBbox(
+        tile,
+        (0, y),
+        xycoords=("axes fraction", "data"),
+        xybox=(x_offset_pt, 0),
+        boxcoords="offset points",
+        box_alignment=(0, 0.5),
+        frameon=True,
+        pad=0.1,
+        annotation_clip=False,
+    )
+    box.patch.set_edgecolor("0.7")
+    axis.add_artist(box)
 
 
 def curves_figure(history: Mapping[str, Sequence[float]]) -> Figure:

@@ -324,7 +324,11 @@ class Tracker:
         columns = ["true", "predicted", "count", "true_codepoint", "predicted_codepoint"]
         self.log_text(csv_text(rows, columns), "evaluation/confusion_pairs.csv")
         self.log_text(markdown_table(rows, columns), "evaluation/confusion_pairs.md")
-        self.log_figure(confusion_figure(confused), "evaluation/confusion_pairs.png")
+        examples = [
+            tuple(None if i < 0 else report.images[i] for i in pair)
+            for pair in report.confusion_examples(confused)
+        ]
+        self.log_figure(confusion_figure(confused, examples), "evaluation/confusion_pairs.png")
         grid = misclassified_grid(report, report.misclassified(misclassified))
         self.client.log_image(self.run_id, grid, "evaluation/misclassified.png")
 
