@@ -77,7 +77,7 @@ def pad_images(chars: list[str], options) -> tuple[np.ndarray, np.ndarray]:
     """KanjiVG's strokes drawn on a pad the size of KanjiVG's frame (the character fills about
     0.7 of it, as people fill a drawing box), each prepared alone as the server does."""
     from hwexp.data.preprocess import normalise_characters
-    from hwexp.serve.models import render_strokes
+    from hwexp.recognition.inputs import render_strokes
     from hwexp.synth.kanjivg import FRAME, load_glyph
 
     images = []

@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import logging
+import re
 import shutil
 import socket
 import struct
@@ -30,21 +31,20 @@ import pytest
 from PIL import Image, ImageDraw
 
 from data_config import data_config
+from hwexp.contract import INPUT_NAME, OUTPUT_NAME
 from hwexp.data.preprocess import PreprocessOptions, normalise_characters
-from hwexp.serve.__main__ import main as serve_main
-from hwexp.serve.app import MAX_BODY_BYTES, MAX_POINTS, MAX_STROKES, make_server, predict
-from hwexp.serve.models import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    ModelLoadError,
-    ServedModel,
+from hwexp.errors import ModelLoadError, RunNotFound
+from hwexp.recognition import Recognizer
+from hwexp.recognition.inputs import render_strokes
+from hwexp.recognition.loading import (
     load_all_registered,
     load_onnx,
     load_registered,
     load_run,
-    render_strokes,
     tracking_client,
 )
+from hwexp.serve.__main__ import main as serve_main
+from hwexp.serve.app import MAX_BODY_BYTES, MAX_POINTS, MAX_STROKES, make_server, predict
 from hwexp.synth.kanjivg import FRAME, load_glyph
 
 # Enough data and epochs that KanjiVG-drawn あいうえお are recognised (about 30 s on 2 CPUs).
@@ -96,7 +96,7 @@ def exported_model(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
 
 
 @contextmanager
-def running_server(models: Sequence[ServedModel]) -> Iterator[tuple[str, int]]:
+def running_server(models: Sequence[Recognizer]) -> Iterator[tuple[str, int]]:
     """Serve ``models`` on an ephemeral 127.0.0.1 port in a thread; yields ``(host, port)``."""
     server = make_server(models, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -166,12 +166,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
 
 
 @pytest.fixture(scope="module")
-def model(exported: ExportedModel) -> ServedModel:
+def model(exported: ExportedModel) -> Recognizer:
     return load_onnx(exported.onnx)
 
 
 @pytest.fixture(scope="module")
-def server(model: ServedModel) -> Iterator[tuple[str, int]]:
+def server(model: Recognizer) -> Iterator[tuple[str, int]]:
     with running_server([model]) as address:
         yield address
 
@@ -314,16 +314,17 @@ def test_models_load_from_the_registry_and_from_runs(exported, model):
     by_name = load_registered(client, name)
     by_version = load_registered(client, f"{name}/{version}", name="pinned")
     by_run = load_run(client, exported.run_id)
-    assert by_name.source == f"models:/{name}/{version}" and by_name.name == name
+    assert by_name.info.origin == f"models:/{name}/{version}" and by_name.name == name
+    assert by_name.info.version == version and by_name.info.run_id == exported.run_id
     assert by_version.name == "pinned"
-    assert by_run.source == f"runs:/{exported.run_id}/export"
+    assert by_run.info.origin == f"runs:/{exported.run_id}/export"
     for loaded in (by_name, by_version, by_run):
         assert loaded.classes == model.classes
         assert loaded.options == PreprocessOptions.from_config(exported.preprocess)
     assert [m.name for m in load_all_registered(client)] == [name]
-    with pytest.raises(ModelLoadError, match="no registered model 'katakana'"):
+    with pytest.raises(ModelLoadError, match=f"no registered model 'katakana'.*registered: {name}"):
         load_registered(client, "katakana")
-    with pytest.raises(ModelLoadError, match="not found"):
+    with pytest.raises(RunNotFound, match="does not exist"):
         load_run(client, "0123456789abcdef0123456789abcdef")
 
 
@@ -468,6 +469,67 @@ def test_command_line_reports_what_cannot_be_loaded(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def _table_rows(text: str) -> list[list[str]]:
+    """The rows of a model table (after its heading line ``name  class set ...``), split on
+    runs of two or more spaces."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("name  "))
+    rows = []
+    for line in lines[start + 1 :]:
+        if not line.strip() or line.startswith("drawing pad at"):
+            break
+        rows.append(re.split(r"\s{2,}", line.strip()))
+    return rows
+
+
+def test_list_shows_every_registered_model_and_what_it_reads(exported, capsys):
+    name, version = exported.registered.split("/")
+    assert serve_main(["--list", "--tracking-uri", exported.tracking_uri]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"registered models in {exported.tracking_uri}:")
+    assert _table_rows(out) == [
+        [
+            name,
+            "hiragana75",
+            "5",
+            "synthetic",
+            version,
+            exported.run_id,
+            f"models:/{name}/{version}",
+        ]
+    ]
+    empty = f"sqlite:///{exported.root}/empty/mlflow.db"
+    assert serve_main(["--list", "--tracking-uri", empty]) == 0
+    assert capsys.readouterr().out.startswith("no registered model in")
+
+
+def test_serve_lists_the_models_it_serves_and_refuses_unknown_names(exported, capsys):
+    name, version = exported.registered.split("/")
+    with pytest.raises(SystemExit) as exit_info:
+        serve_main(["--registered", "hiragana", "--tracking-uri", exported.tracking_uri])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: no registered model 'hiragana' in {exported.tracking_uri}; registered: {name}"
+    )
+    command = [sys.executable, "-m", "hwexp.serve", "--port", "0"]
+    command += ["--tracking-uri", exported.tracking_uri, "--model", f"files={exported.onnx}"]
+    server = subprocess.Popen(command + ["--registered", name], stdout=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("drawing pad at"):
+            line = server.stdout.readline()
+            assert line, "the server exited before serving"
+            lines.append(line.rstrip("\n"))
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert lines[0] == "serving 2 model(s):"
+    files, registered = _table_rows("\n".join(lines))
+    common = ["hiragana75", "5", "synthetic"]
+    assert files == ["files", *common, "-", exported.run_id, str(exported.onnx)]
+    assert registered == [name, *common, version, exported.run_id, f"models:/{name}/{version}"]
+
+
 # --------------------------------------------------------------------------- under load
 
 
@@ -482,7 +544,7 @@ class FixedSession:
 @pytest.fixture(scope="module")
 def light_server() -> Iterator[tuple[str, int]]:
     """A server whose model needs no training: the real input handling, fixed answers."""
-    fixed = ServedModel("fixed", ("あ", "い", "う"), PreprocessOptions(), "test", FixedSession())
+    fixed = Recognizer("fixed", ("あ", "い", "う"), PreprocessOptions(), FixedSession())
     with running_server([fixed]) as address:
         yield address
 
@@ -502,7 +564,7 @@ def raw_exchange(address: tuple[str, int], data: bytes, shut: bool = False) -> t
 def test_the_listen_backlog_takes_a_burst_of_connections():
     """64 clients connecting at once to a server that has not accepted yet all get in (the
     standard library's backlog of 5 dropped their SYNs: ~1 s retries, resets)."""
-    fixed = ServedModel("fixed", ("あ",), PreprocessOptions(), "test", FixedSession())
+    fixed = Recognizer("fixed", ("あ",), PreprocessOptions(), FixedSession())
     server = make_server([fixed], "127.0.0.1", 0)
     clients = []
     try:

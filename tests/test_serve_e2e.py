@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from hwexp.serve.models import load_onnx
+from hwexp.recognition.loading import load_onnx
 from test_serve_api import exported_model, glyph_strokes, running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

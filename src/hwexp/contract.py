@@ -34,6 +34,10 @@ WRITER_OVERLAP_TAG = "hwexp.writer_overlap"
 
 # Metadata keys of an exported model (ONNX metadata, Core ML user-defined metadata).
 RUN_ID_KEY = "hwexp.run_id"
+DATASET_KEY = "hwexp.dataset"  # the run's dataset config name
+CLASS_SET_KEY = "hwexp.class_set"  # its class set (hiragana75, chars:あいう, ...)
+SOURCE_KEY = "hwexp.source"  # where its training images came from (synthetic, etl8g, ...)
+TEST_ACCURACY_KEY = "hwexp.test_accuracy"  # "0.9876", or "unknown"
 PREPROCESS_KEY = "hwexp.preprocess"  # JSON of the preprocessing options
 CLASSES_KEY = "hwexp.classes"  # JSON list of the classes (ONNX only)
 
@@ -63,9 +67,26 @@ def default_tracking_uri(mlruns_dir: str | Path, create: bool = True) -> str:
 
 def default_mlruns_dir() -> Path:
     """``mlruns_dir`` of ``conf/paths/default.yaml`` (``<$HWEXP_ROOT or .>/mlruns``), absolute."""
+    return _default_path("${paths.mlruns_dir}")
+
+
+def default_exports_dir() -> Path:
+    """``output_dir`` of ``conf/export.yaml`` (``<$HWEXP_ROOT or .>/outputs/exports``, where
+    ``hwexp export`` writes ``<run id>/``), absolute."""
     from omegaconf import OmegaConf
 
     from hwexp import CONF_DIR
 
-    paths = OmegaConf.create({"paths": OmegaConf.load(Path(CONF_DIR) / "paths" / "default.yaml")})
-    return Path(str(paths.paths.mlruns_dir)).expanduser().resolve()
+    export = OmegaConf.load(Path(CONF_DIR) / "export.yaml")
+    return _default_path(OmegaConf.to_container(export)["output_dir"])
+
+
+def _default_path(template: str) -> Path:
+    """``template`` resolved against ``conf/paths/default.yaml``, absolute."""
+    from omegaconf import OmegaConf
+
+    from hwexp import CONF_DIR
+
+    paths = OmegaConf.load(Path(CONF_DIR) / "paths" / "default.yaml")
+    resolved = OmegaConf.create({"paths": paths, "value": template})
+    return Path(str(resolved.value)).expanduser().resolve()

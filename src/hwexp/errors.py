@@ -56,6 +56,15 @@ class ModelLoadError(HwexpError):
     """A model cannot be loaded; the message says which file or registry entry and why."""
 
 
+class InputError(HwexpError, ValueError):
+    """Input a recognizer cannot read (a picture, a drawing, a file); ``status`` is the HTTP
+    status the drawing pad answers it with (400 malformed, 422 no ink)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @contextlib.contextmanager
 def exit_on_error(
     also: tuple[type[BaseException], ...] = (), reraise: bool = False

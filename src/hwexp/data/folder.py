@@ -152,11 +152,11 @@ def read_folder_images(
     skipped: list[str] = []
     for path, char in items:
         grey = _read_grey(Path(path))
-        why = _unusable(grey)
+        why = unusable(grey)
         if why:
             skipped.append(f"{printable(str(path))} ({why})")
             continue
-        images[len(kept)] = _letterbox(grey, canvas)
+        images[len(kept)] = letterbox(grey, canvas)
         kept.append((path, char))
     labels = np.array([char for _, char in kept], dtype=str)
     names = [printable(Path(path).stem) for path, _ in kept]
@@ -200,7 +200,7 @@ def _read_grey(path: Path) -> Image.Image:
         ) from error
 
 
-def _unusable(image: Image.Image) -> str | None:
+def unusable(image: Image.Image) -> str | None:
     """Why ``image`` (grey) cannot hold a character, or None."""
     if min(image.size) < MIN_IMAGE_SIDE:
         return f"{image.width}x{image.height} pixels"
@@ -210,7 +210,9 @@ def _unusable(image: Image.Image) -> str | None:
     return None
 
 
-def _letterbox(image: Image.Image, canvas: int) -> np.ndarray:
+def letterbox(image: Image.Image, canvas: int = FOLDER_CANVAS) -> np.ndarray:
+    """``(canvas, canvas)`` uint8: grey ``image`` scaled so its longer side is ``canvas`` pixels
+    (enlarged when smaller) and padded along its shorter side with its border's median grey."""
     pixels = np.asarray(image)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     fill = int(np.median(border))

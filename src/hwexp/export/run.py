@@ -18,7 +18,18 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from hwexp import __version__
-from hwexp.contract import CLASSES_FILE, INK, INPUT_NAME, PREPROCESS_KEY, RUN_ID_KEY, write_classes
+from hwexp.contract import (
+    CLASS_SET_KEY,
+    CLASSES_FILE,
+    DATASET_KEY,
+    INK,
+    INPUT_NAME,
+    PREPROCESS_KEY,
+    RUN_ID_KEY,
+    SOURCE_KEY,
+    TEST_ACCURACY_KEY,
+    write_classes,
+)
 from hwexp.data.dataset import run_data_config
 from hwexp.errors import ConfigError, ExportError
 from hwexp.export.base import Conversion, Exported
@@ -113,12 +124,12 @@ def _describe(
         ),
         "version": str(meta.get("version") or f"{__version__}+{trained.run_id[:8]}"),
         RUN_ID_KEY: trained.run_id,
-        "hwexp.dataset": dataset_name,
-        "hwexp.source": str(dataset.get("source")),
-        "hwexp.class_set": str(dataset.get("classes")),
+        DATASET_KEY: dataset_name,
+        SOURCE_KEY: str(dataset.get("source")),
+        CLASS_SET_KEY: str(dataset.get("classes")),
         "hwexp.num_classes": str(len(trained.classes)),
         "hwexp.model": str(trained.config.get("model", {}).get("name")),
-        "hwexp.test_accuracy": "unknown" if test_accuracy is None else f"{test_accuracy:.4f}",
+        TEST_ACCURACY_KEY: "unknown" if test_accuracy is None else f"{test_accuracy:.4f}",
         "hwexp.image_size": str(size),
         "hwexp.ink": INK,
         PREPROCESS_KEY: json.dumps(preprocess, sort_keys=True, default=str),

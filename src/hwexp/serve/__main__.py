@@ -2,35 +2,39 @@
 
 Models (each option repeatable, in menu order; ``NAME=`` renames a model in the menu)::
 
-    --model [NAME=]path/to/model.onnx       files as hwexp.export writes them (hwexp.serve.models)
+    --model [NAME=]path/to/model.onnx|DIR   files as hwexp export writes them (hwexp.recognition)
     --registered [NAME=]MODEL[/VERSION|@ALIAS]   MLflow Model Registry (default: highest version)
-    --run [NAME=]RUN_ID                     the export/ an exported run holds
+    --run [NAME=]RUN_ID|best                the ONNX export an exported run holds
 
 With none of them, the highest version of every registered model holding an ONNX file is
 served. Registry and runs come from ``--tracking-uri`` (default: ``$MLFLOW_TRACKING_URI``, else
-the project's store, ``sqlite:///<$HWEXP_ROOT or .>/mlruns/mlflow.db``).
+the project's store, ``sqlite:///<$HWEXP_ROOT or .>/mlruns/mlflow.db``). At start the served
+models are listed with what they read (class set, number of classes, data source, registry
+version, run id); ``--list`` lists every registered model that way and exits. Each model is a
+``hwexp.recognition.Recognizer``, the object ``hwexp predict`` and Python code use.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
 from collections.abc import Sequence
 from typing import Any
 
-from hwexp.errors import exit_on_error
-from hwexp.serve.app import make_server
-from hwexp.serve.models import (
-    ModelLoadError,
-    ServedModel,
+from hwexp.errors import ModelLoadError, exit_on_error
+from hwexp.recognition import Recognizer
+from hwexp.recognition.loading import (
     load_all_registered,
-    load_onnx,
+    load_files,
     load_registered,
     load_run,
+    registered_models,
     tracking_client,
 )
+from hwexp.serve.app import make_server
 
 log = logging.getLogger("hwexp.serve")
 _NAMED = re.compile(r"([^=/\\]+)=(.+)")  # NAME=REF, NAME without path separators
@@ -51,8 +55,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--model",
         action="append",
         default=[],
-        metavar="[NAME=]FILE.onnx",
-        help="an exported ONNX model with classes.txt and its preprocessing beside it",
+        metavar="[NAME=]FILE.onnx|DIR",
+        help="an exported ONNX model with classes.txt and its preprocessing beside it, or the "
+        "export folder holding them",
     )
     add(
         "--registered",
@@ -80,11 +85,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     add("--threads", type=int, default=1, help="ONNX Runtime threads per request (default 1)")
+    add(
+        "--list",
+        action="store_true",
+        help="list every registered model (what it reads, versions, run) and exit",
+    )
     add("-v", "--verbose", action="store_true", help="log every request")
     return parser.parse_args(argv)
 
 
-def load_models(args: argparse.Namespace) -> list[ServedModel]:
+def load_models(args: argparse.Namespace) -> list[Recognizer]:
     """The models the options name, in order (see the module docstring).
 
     Raises:
@@ -93,7 +103,7 @@ def load_models(args: argparse.Namespace) -> list[ServedModel]:
     models = []
     for spec in args.model:
         name, path = _split_name(spec)
-        models.append(load_onnx(path, name, threads=args.threads))
+        models.append(load_files(path, name, threads=args.threads))
     client: Any = None
     if args.registered or args.run or not models:
         client = tracking_client(args.tracking_uri)
@@ -113,6 +123,51 @@ def load_models(args: argparse.Namespace) -> list[ServedModel]:
     return models
 
 
+# Columns of the model lists: (heading, key of Recognizer.describe / RegisteredModel row).
+_COLUMNS = (
+    ("name", "name"),
+    ("class set", "class_set"),
+    ("classes", "classes"),
+    ("data source", "data_source"),
+    ("version", "version"),
+    ("run id", "run_id"),
+    ("from", "source"),
+)
+
+
+def model_table(rows: Sequence[dict[str, Any]]) -> str:
+    """``rows`` (``Recognizer.describe()``-like) as an aligned table, ``-`` where unknown."""
+    cells = [[heading for heading, _ in _COLUMNS]]
+    cells += [[_cell(row.get(key)) for _, key in _COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in cells
+    )
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def list_registered(client: Any) -> str:
+    """Every registered model (its highest version) as ``--list`` prints it."""
+    listed = registered_models(client)
+    if not listed:
+        return (
+            f"no registered model in {client.tracking_uri}: export one "
+            "(hwexp export run=best formats=[onnx])"
+        )
+    rows = []
+    for model in listed:
+        row = {**dataclasses.asdict(model.info), "source": model.info.origin}
+        row.update(name=model.name, classes=model.classes)
+        if len(model.versions) > 1:
+            row["version"] = f"{model.info.version} (of {len(model.versions)})"
+        rows.append(row)
+    return f"registered models in {client.tracking_uri}:\n{model_table(rows)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -120,20 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("mlflow", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.list:
+        with exit_on_error():
+            print(list_registered(tracking_client(args.tracking_uri)))
+        return 0
     with exit_on_error(also=(ValueError, OSError)):  # also: a bad host or port
         models = load_models(args)
         server = make_server(models, args.host, args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach it can use the pad", args.host)
-    for model in models:
-        log.info(
-            "model %s: %d classes, %dx%d input, from %s",
-            model.name,
-            len(model.classes),
-            model.size,
-            model.size,
-            model.source,
-        )
+    print(f"serving {len(models)} model(s):", model_table([m.describe() for m in models]), sep="\n")
     print(f"drawing pad at {server.url}  (Ctrl+C stops it)", flush=True)
     try:
         server.serve_forever()

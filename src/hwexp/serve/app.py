@@ -8,8 +8,10 @@ API
 ---
 ``GET /api/models`` ->
 ``{"models": [{"name", "classes": <count>, "input_size": S, "preview", "source",
-"stroke_width"}], "default": <name>, "limits": {...}}``; ``stroke_width`` is the pen width as a
-fraction of the canvas side that the server renders strokes with.
+"stroke_width", "run_id", "dataset", "class_set", "data_source", "version", "test_accuracy"}],
+"default": <name>, "limits": {...}}`` (``Recognizer.describe``); ``stroke_width`` is the pen
+width as a fraction of the canvas side that the server renders strokes with, ``source`` where
+the model was loaded from, ``data_source`` where its training images came from.
 
 ``POST /api/predict`` with a JSON object, either strokes::
 
@@ -20,15 +22,17 @@ a picture of one character, ink of either polarity (a ``data:`` URL prefix is ac
 
     {"model": "hiragana", "image": "<base64 PNG, JPEG, BMP, GIF or WebP>"}
 
-``model`` is optional (default: the first model loaded). Answer (200)::
+``model`` is optional (default: the first model loaded). The model's ``Recognizer``
+(``hwexp.recognition``) reads it, as ``hwexp predict`` and Python code would. Answer (200)::
 
-    {"candidates": [{"char": "あ", "probability": 0.93}, ...],   # top 5, most probable first
+    {"top": "あ",
+     "candidates": [{"char": "あ", "probability": 0.93}, ...],   # top 5, most probable first
      "input_png": "<base64 PNG of the S x S model input, ink white on black>",
      "model": "hiragana", "ms": 2.4}                             # server time, milliseconds
 
 Errors are JSON ``{"error": "<what is wrong and what is accepted>"}``: 400 malformed (not
 JSON or nested too deeply, wrong types, not an image, a picture over
-:data:`~hwexp.serve.models.MAX_PICTURE_PIXELS`, more than :data:`MAX_STROKES` strokes or
+:data:`~hwexp.recognition.inputs.MAX_PICTURE_PIXELS`, more than :data:`MAX_STROKES` strokes or
 :data:`MAX_POINTS` points, two ``Content-Length`` headers, a body shorter than its
 ``Content-Length``), 404 unknown model or path, 405 wrong method, 408 a body that does not arrive
 within :data:`BODY_TIMEOUT_S`, 411 no ``Content-Length``, 413 body over :data:`MAX_BODY_BYTES`,
@@ -65,7 +69,9 @@ import numpy as np
 from PIL import Image
 
 from hwexp import __version__
-from hwexp.serve.models import InputError, ServedModel, decode_picture
+from hwexp.errors import InputError
+from hwexp.recognition import Recognizer, Strokes
+from hwexp.recognition.inputs import decode_picture
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +135,8 @@ def _number(payload: Mapping[str, Any], key: str) -> float:
     return float(value)
 
 
-def parse_strokes(payload: Mapping[str, Any]) -> tuple[list[np.ndarray], float, float]:
-    """``(strokes as (n_i, 2) float64 arrays, width, height)``; empty strokes are dropped.
+def parse_strokes(payload: Mapping[str, Any]) -> Strokes:
+    """The drawing of a request; empty strokes are dropped.
 
     Raises:
         ApiError: 400 wrong types or too many strokes/points; 422 no points at all.
@@ -161,7 +167,7 @@ def parse_strokes(payload: Mapping[str, Any]) -> tuple[list[np.ndarray], float, 
         arrays.append(points.astype(np.float64))
     if not arrays:
         raise ApiError(422, "empty drawing: no strokes with points")
-    return arrays, width, height
+    return Strokes(arrays, width, height)
 
 
 def parse_image(value: Any) -> np.ndarray:
@@ -192,7 +198,7 @@ def _png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def predict(models: Mapping[str, ServedModel], payload: Mapping[str, Any]) -> dict[str, Any]:
+def predict(models: Mapping[str, Recognizer], payload: Mapping[str, Any]) -> dict[str, Any]:
     """Answer one ``POST /api/predict`` request object (see the module docstring).
 
     Raises:
@@ -209,16 +215,12 @@ def predict(models: Mapping[str, ServedModel], payload: Mapping[str, Any]) -> di
     if has_strokes == has_image:
         raise ApiError(400, "send either 'strokes' (with 'width' and 'height') or 'image'")
     try:
-        if has_strokes:
-            strokes, width, height = parse_strokes(payload)
-            prepared = model.prepare_strokes(strokes, width, height)
-        else:
-            prepared = model.prepare_picture(parse_image(payload["image"]))
+        drawing = parse_strokes(payload) if has_strokes else parse_image(payload["image"])
+        result = model.predict(drawing)
     except InputError as error:
         raise ApiError(error.status, str(error)) from None
-    result = model.predict(prepared)
     return {
-        "candidates": [{"char": c, "probability": round(p, 6)} for c, p in result.candidates],
+        **result.as_json(),
         "input_png": _png_base64(result.model_input),
         "model": name,
         "ms": round((time.perf_counter() - start) * 1000.0, 2),
@@ -235,7 +237,7 @@ class PadServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = REQUEST_QUEUE_SIZE
 
-    def __init__(self, address: tuple[str, int], models: Sequence[ServedModel]) -> None:
+    def __init__(self, address: tuple[str, int], models: Sequence[Recognizer]) -> None:
         if not models:
             raise ValueError("no models to serve")
         names = [m.name for m in models]
@@ -416,7 +418,7 @@ class PadHandler(BaseHTTPRequestHandler):
 
 
 def make_server(
-    models: Sequence[ServedModel], host: str = "127.0.0.1", port: int = 8000
+    models: Sequence[Recognizer], host: str = "127.0.0.1", port: int = 8000
 ) -> PadServer:
     """A ready, not yet serving server (``port=0``: an ephemeral port; see ``server.url``)."""
     return PadServer((host, port), models)

@@ -255,7 +255,14 @@
     }
     const m = state.model;
     $("model-info").textContent = `${m.classes} characters · ${m.input_size}×${m.input_size}`;
-    $("model-info").title = `${m.preview}… from ${m.source}`;
+    const reads = [
+      m.class_set,
+      m.data_source && `trained on ${m.data_source}`,
+      m.version && `version ${m.version}`,
+    ]
+      .filter(Boolean)
+      .join(", ");
+    $("model-info").title = `${reads ? `${reads}: ` : ""}${m.preview}… from ${m.source}`;
     redraw();
     changed();
     if (state.strokes.length) recogniseSoon(0);
