@@ -25,6 +25,9 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("hwexp.evaluate", "measure a trained run on any dataset (run=best|<id>)"),
     "export": Command("hwexp.export.__main__", "export a run to Core ML, TFLite and ONNX"),
     "data": Command("hwexp.data.__main__", "prepare|show|stats|verify|download data", True),
+    "predict": Command(
+        "hwexp.predict", "read the characters in image files (run=best|registry=NAME)", True
+    ),
     "serve": Command("hwexp.serve.__main__", "the drawing pad: serve exported models", True),
 }
 
