@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_help_lists_every_command(capsys):
     assert run_module(Path.cwd(), "hwexp.cli", "--help").returncode == 0
-    for name in ("train", "evaluate", "export", "data", "serve"):
+    for name in ("train", "evaluate", "export", "data", "predict", "serve"):
         assert name in COMMANDS
         assert f"  {name} " in usage()
 
