@@ -18,6 +18,7 @@ from hwexp.train import (
     fit,
     learning_rate,
     make_optimizer,
+    cpu_has_bfloat16,
     mixed_precision_supported,
     train_and_evaluate,
 )
@@ -128,8 +129,22 @@ def test_optimizers_from_config() -> None:
 
 def test_mixed_precision_only_where_supported() -> None:
     assert chosen_dtype_policy({"mixed_precision": False}) == "float32"
-    expected = "mixed_float16" if mixed_precision_supported() else "float32"
+    if mixed_precision_supported():
+        expected = "mixed_float16"
+    elif cpu_has_bfloat16():
+        expected = "mixed_bfloat16"
+    else:
+        expected = "float32"
     assert chosen_dtype_policy({"mixed_precision": True}) == expected
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags() -> None:
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    sapphire = "processor\t: 0\nflags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_tile amx_bf16\n"
+    cooper = "processor\t: 0\nflags\t\t: avx512f avx512_bf16\n"
+    assert not cpu_has_bfloat16(avx2)
+    assert cpu_has_bfloat16(sapphire) and cpu_has_bfloat16(cooper)
+    assert not cpu_has_bfloat16("")
 
 
 # --------------------------------------------------------------------------- fit

@@ -235,6 +235,7 @@ OPTIONS: dict[str, Rule] = {
     "trainer.lr_schedule": choice(*LR_SCHEDULES),
     "trainer.warmup_epochs": integer(0),
     "trainer.mixed_precision": FLAG,
+    "trainer.jit_compile": FLAG,
     "trainer.verbose": choice(0, 1, 2),
     "trainer.seed": integer(0),
     "trainer.init_from": ANY,  # a run id or best: checked when it is loaded

@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -155,6 +156,7 @@ def compile_model(model: keras.Model, trainer_cfg: Mapping[str, Any], steps_per_
     )
     num_classes = model.output_shape[-1]
     model.compile(
+        jit_compile=bool(trainer_cfg["jit_compile"]),
         optimizer=make_optimizer(trainer_cfg, steps_per_epoch),
         loss=loss,
         metrics=[
@@ -281,6 +283,19 @@ def mixed_precision_supported() -> bool:
     return False
 
 
+def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 in the flags of
+    ``/proc/cpuinfo``, or of ``cpuinfo``); oneDNN then runs bfloat16 convolutions fast."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.exists() else ""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 @contextlib.contextmanager
 def dtype_policy(name: str) -> Iterator[None]:
     """Set Keras' global dtype policy for the duration of the block, then restore it."""
@@ -293,12 +308,21 @@ def dtype_policy(name: str) -> Iterator[None]:
 
 
 def chosen_dtype_policy(trainer_cfg: Mapping[str, Any]) -> str:
-    """``mixed_float16`` if asked for and supported, else ``float32`` (with a warning)."""
+    """With ``trainer.mixed_precision`` true: ``mixed_float16`` on a GPU with compute
+    capability >= 7.0, else ``mixed_bfloat16`` on a CPU with native bfloat16, else
+    ``float32`` (with a warning). ``float32`` when it is false."""
     if not trainer_cfg["mixed_precision"]:
         return "float32"
     if mixed_precision_supported():
         return "mixed_float16"
-    log.warning("trainer.mixed_precision ignored: no GPU with compute capability >= 7.0")
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU") and cpu_has_bfloat16():
+        return "mixed_bfloat16"
+    log.warning(
+        "trainer.mixed_precision ignored: no GPU with compute capability >= 7.0 and no CPU "
+        "with native bfloat16 (AVX512-BF16 or AMX)"
+    )
     return "float32"
 
 
