@@ -92,6 +92,13 @@ def entry_name(source: str, classes_name: str, options: PreprocessOptions, key: 
     return f"{source}-{safe}-{options.size}px-{key}"
 
 
+def entry_identity(path: Path) -> tuple[str, str]:
+    """``(label, fingerprint)`` of an entry folder: ``synthetic-hiragana75-48px`` and the 16
+    hex digits that key its content (source files, classes, preprocessing, cache format)."""
+    label, _, key = Path(path).name.rpartition("-")
+    return label, key
+
+
 def load_or_prepare(
     cache_dir: Path,
     source: str,

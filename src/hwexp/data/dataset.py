@@ -9,7 +9,7 @@ every sample remembering its source so metrics can be reported per source.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +117,15 @@ class PreparedSplits:
     image_size: int
     source_weights: dict[str, float]
     name: str
+    class_set: str = ""  # the class set's short name (class_set_of), e.g. hiragana75-first5
+    entries: dict[str, Path] = field(default_factory=dict)  # source -> its cache entry folder
+
+    def samples_of(self, source: str) -> dict[str, int]:
+        """Samples of ``source`` per split: ``{"train": n, "val": n, "test": n}``."""
+        return {
+            part: int(np.sum(getattr(self, part).sources == source))
+            for part in ("train", "val", "test")
+        }
 
 
 def dataset_sources(dataset_cfg: Mapping) -> list[str]:
@@ -223,7 +232,7 @@ def load_splits(cfg: Mapping, progress: bool = True) -> PreparedSplits:
     """Prepared, split data for ``cfg`` (keys ``dataset``, ``preprocess``, ``split``,
     ``paths``, ``seed``, optional ``workers`` and ``synthetic``)."""
     dataset_cfg = cfg["dataset"]
-    classes, _ = class_set_of(dataset_cfg)
+    classes, class_set = class_set_of(dataset_cfg)
     index_of = {char: i for i, char in enumerate(classes)}
     split_cfg = cfg["split"]
     prepared = prepare_sources(cfg, progress=progress)
@@ -265,4 +274,6 @@ def load_splits(cfg: Mapping, progress: bool = True) -> PreparedSplits:
         image_size=size,
         source_weights={name: float(weights_cfg.get(name, 1.0)) for name in prepared},
         name=str(dataset_cfg.get("name", "dataset")),
+        class_set=class_set,
+        entries={name: source.path for name, source in prepared.items()},
     )

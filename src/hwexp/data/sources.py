@@ -199,17 +199,44 @@ def _report_font_gaps(classes: Sequence[str], synth_options) -> None:
 @dataclass(frozen=True)
 class Source:
     """One source: its reader (``plan``: name, classes, data dir, options, description base ->
-    ``SourcePlan``) and the config block its options come from (``dataset`` | ``synthetic``)."""
+    ``SourcePlan``), the config block its options come from (``dataset`` | ``synthetic``), and
+    where its data comes from and on what terms (for model cards)."""
 
     plan: Callable[[str, Sequence[str], Path, Mapping, dict], SourcePlan]
     config_block: str = "dataset"
+    origin: str = ""
+    licence: str = ""
 
 
+_ETL = Source(
+    _plan_etl,
+    origin="ETL Character Database, National Institute of Advanced Industrial Science and "
+    "Technology (AIST), etlcdb.db.aist.go.jp: scanned handwriting",
+    licence="free after registering with AIST, under its terms of use; redistribution of the "
+    "data is forbidden: check those terms before distributing weights trained on it",
+)
+_KMNIST = Source(
+    _plan_kmnist,
+    origin="Kuzushiji-MNIST / Kuzushiji-49, ROIS-DS Center for Open Data in the Humanities "
+    "(CODH), from the Pre-Modern Japanese Text dataset",
+    licence="CC BY-SA 4.0: credit CODH ('KMNIST Dataset' (created by CODH)) and share alike",
+)
 SOURCE_TABLE: dict[str, Source] = {
-    **dict.fromkeys(ETL_SOURCES, Source(_plan_etl)),
-    **dict.fromkeys(KMNIST_SOURCES, Source(_plan_kmnist)),
-    "folder": Source(_plan_folder),
-    "synthetic": Source(_plan_synthetic, config_block="synthetic"),
+    **dict.fromkeys(ETL_SOURCES, _ETL),
+    **dict.fromkeys(KMNIST_SOURCES, _KMNIST),
+    "folder": Source(
+        _plan_folder,
+        origin="the user's own images (dataset.path)",
+        licence="whatever terms the images are under: state them (export metadata.license)",
+    ),
+    "synthetic": Source(
+        _plan_synthetic,
+        config_block="synthetic",
+        origin="rendered by hwexp: KanjiVG strokes (Ulrich Apel and contributors) with "
+        "synthetic writers, and Japanese fonts (synthetic.fonts)",
+        licence="KanjiVG: CC BY-SA 3.0; default fonts: IPAexGothic (IPA Font License), Noto "
+        "Sans CJK JP (SIL Open Font License 1.1); other fonts: their own licences",
+    ),
 }
 SOURCES = tuple(SOURCE_TABLE)
 
