@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import coremltools as ct
+import mlflow
 import numpy as np
 import onnx
 import pytest
@@ -12,7 +13,17 @@ from omegaconf import OmegaConf
 from data_config import data_config
 from hwexp import CONF_DIR
 from hwexp.__main__ import run_training
-from hwexp.contract import BEST_TRIAL_TAG, EXPORTED_TAG, SWEEP_ID_TAG
+from hwexp.contract import (
+    BEST_TRIAL_TAG,
+    CLASSES_DIGEST_TAG,
+    EXPORTED_TAG,
+    MODEL_CARD_FILE,
+    SWEEP_ID_TAG,
+    classes_digest,
+    model_name,
+    write_classes,
+)
+from hwexp.data.charsets import CLASS_SETS
 from hwexp.data.dataset import load_splits
 from hwexp.errors import ConfigError, ExportError, RunNotFound
 from hwexp.export.__main__ import main
@@ -26,6 +37,7 @@ from hwexp.tracking.runs import client_for, find_run, load_trained_model
 from hwexp.tracking.writer import Tracker
 
 EXPERIMENT = "hwexp-debug"
+NAME = "hiragana75-first5-synthetic"  # the debug run's model: 5 of the hiragana75, synthetic
 
 
 def export_config(root, *overrides):
@@ -82,7 +94,7 @@ def test_exports_every_format_logs_and_registers(trained, exported):
     assert result.folder == Path(root, "outputs", "exports", model.run_id)
     assert set(result.files) == {"coreml", "coreml_nn", "tflite_fp32", "tflite_int8", "onnx"}
     assert all(path.exists() for path in result.files.values())
-    assert result.files["coreml"].name == "synthetic.mlpackage"
+    assert result.files["coreml"].name == f"{NAME}.mlpackage"
     classes = (result.folder / "classes.txt").read_text("utf-8").splitlines()
     assert tuple(classes) == model.classes
     report = json.loads((result.folder / "export.json").read_text("utf-8"))
@@ -104,13 +116,15 @@ def test_exports_every_format_logs_and_registers(trained, exported):
     assert run.data.tags[EXPORTED_TAG] == "true"
     assert run.data.metrics["export/onnx/agreement"] == m["export/onnx/agreement"]
     logged = {a.path for a in client.list_artifacts(model.run_id, "export")}
-    assert {"export/synthetic.mlpackage", "export/synthetic.onnx", "export/classes.txt"} <= logged
+    assert {f"export/{NAME}.mlpackage", f"export/{NAME}.onnx", "export/classes.txt"} <= logged
+    assert {"export/MLmodel", "export/MODEL_CARD.md"} <= logged
     name, version = result.registered.split("/")
-    assert name == "synthetic"
+    assert name == NAME
     registered = client.get_model_version(name, version)
     assert registered.run_id == model.run_id
     assert registered.source.endswith("/export")
-    assert registered.tags["coreml_package"] == "synthetic.mlpackage"
+    assert registered.tags["coreml_package"] == f"{NAME}.mlpackage"
+    assert registered.tags[CLASSES_DIGEST_TAG] == classes_digest(model.classes)
 
 
 def test_coreml_specs_read_back(trained, exported):
@@ -345,3 +359,123 @@ def test_after_sweep_exports_best_child_by_optimized_metric(trained, tmp_path):
     disabled = ExportAfterSweep(enabled=False)
     disabled.on_multirun_end(sweep_cfg)
     assert disabled.result is None
+
+
+# --------------------------------------------------------------------------- names, MLflow models
+
+
+def test_names_say_what_a_model_reads():
+    full = model_name({"classes": "hiragana75", "source": "synthetic"}, "あ" * 75)
+    debug = {"classes": "hiragana75", "source": "synthetic", "limit_classes": 5}
+    assert full == "hiragana75-synthetic"
+    assert model_name(debug, "あいうえお") == NAME != full
+    assert model_name({"classes": "katakana48", "source": "etl1c"}, "ア" * 48) == (
+        "katakana48-etl1c"
+    )
+    mixed = {"classes": "kanji881", "source": ["synthetic", "etl8g"]}
+    assert model_name(mixed, "亜" * 881) == "kanji881-etl8g+synthetic"
+    assert model_name({"classes": "kmnist10", "source": "kmnist"}, "お" * 10) == "kmnist10"
+    # explicit characters: named by count and content, so two subsets of 5 differ
+    aiueo = model_name({"classes": "chars:あいうえお", "source": "etl8g"}, "あいうえお")
+    kakiku = model_name({"classes": "chars:かきくけこ", "source": "etl8g"}, "かきくけこ")
+    assert aiueo.startswith("chars5-") and aiueo.endswith("-etl8g") and aiueo != kakiku
+    assert aiueo == model_name({"classes": list("あいうえお"), "source": "etl8g"}, "あいうえお")
+    folder = model_name({"classes": "auto", "source": "folder"}, "あい")
+    assert folder.startswith("folder2-") and folder.isascii()
+
+
+def test_the_run_records_its_training_data(trained):
+    root, cfg, _, model = trained
+    (entry,) = [p for p in Path(cfg.paths.cache_dir).glob("synthetic-*") if p.is_dir()]
+    (recorded,) = client_for(cfg.tracking).get_run(model.run_id).inputs.dataset_inputs
+    assert recorded.dataset.name == "synthetic-hiragana75-first5-48px"
+    assert recorded.dataset.digest == entry.name.rsplit("-", 1)[1]  # the cache fingerprint
+    assert json.loads(recorded.dataset.source)["uri"] == entry.resolve().as_uri()
+    tags = {t.key: t.value for t in recorded.tags}
+    assert tags["mlflow.data.context"] == "training"
+    assert tags["hwexp.class_set"] == "hiragana75-first5" and tags["hwexp.source"] == "synthetic"
+    profile = json.loads(recorded.dataset.profile)
+    assert profile["classes"] == 5 and profile["test_samples"] > 0
+
+
+def test_pyfunc_of_the_run_reproduces_its_test_accuracy(trained, test_images, monkeypatch):
+    root, cfg, train_metrics, model = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client_for(cfg.tracking).tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{model.run_id}/model")
+    assert pyfunc.metadata.signature.inputs.inputs[0].shape == (-1, 48, 48)
+    images, labels = test_images
+    predicted = pyfunc.predict(images[..., 0])  # prepared images: (n, 48, 48) uint8
+    truth = np.array(model.classes)[labels]
+    accuracy = np.mean(predicted["character"].to_numpy() == truth)
+    assert accuracy == pytest.approx(train_metrics["test/accuracy"])
+
+
+def test_registered_version_is_an_mlflow_model_with_a_signature(exported, test_images, monkeypatch):
+    cfg, result = exported
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client_for(cfg.tracking).tracking_uri)
+    uri = f"models:/{result.registered}"
+    info = mlflow.models.get_model_info(uri)
+    assert "onnx" in info.flavors and "python_function" in info.flavors
+    (image,) = info.signature.inputs.inputs
+    assert (image.name, image.type, image.shape) == ("image", np.dtype(np.uint8), (-1, 48, 48, 1))
+    (probs,) = info.signature.outputs.inputs
+    assert probs.name == "probabilities" and probs.shape == (-1, 5)
+    assert info.metadata["classes"] == list("あいうえお")
+    images, labels = test_images
+    probabilities = mlflow.pyfunc.load_model(uri).predict(images)["probabilities"]
+    accuracy = np.mean(probabilities.argmax(axis=1) == labels)
+    assert accuracy == pytest.approx(result.metrics["export/onnx/accuracy"])
+    # one ONNX file in the folder: the flavour points at the export's own file
+    assert [p.name for p in result.folder.glob("*.onnx")] == [f"{NAME}.onnx"]
+
+
+def test_model_card_goes_with_the_export_and_the_version(trained, exported):
+    _, _, _, model = trained
+    cfg, result = exported
+    card = (result.folder / MODEL_CARD_FILE).read_text("utf-8")
+    assert card.startswith(f"# {NAME}\n") and model.run_id in card
+    assert "あいうえお" in card and "hiragana75" in card  # the classes
+    assert "`synthetic`" in card and "KanjiVG" in card  # the source
+    assert "CC BY-SA 3.0" in card and "## Licence" in card  # the data's licence
+    accuracy = result.metrics["export/keras/accuracy"]
+    source_accuracy = result.metrics["export/keras/source/synthetic/accuracy"]
+    samples = int(result.metrics["export/test_samples"])  # one source: all of them
+    assert f"| all | {samples} | {accuracy:.2%} |" in card
+    assert f"| `synthetic` | {samples} | {source_accuracy:.2%} |" in card
+    assert "## Intended use" in card and "real handwriting" in card
+    name, version = result.registered.split("/")
+    description = client_for(cfg.tracking).get_model_version(name, version).description
+    assert description.startswith(f"# {NAME}\n") and f"{accuracy:.2%}" in description
+    assert MODEL_CARD_FILE in description and len(description) <= 5000
+
+
+def test_a_model_of_other_classes_never_replaces_a_registered_one(trained, tmp_path):
+    """A registered 48-class katakana model stays what its name says: exporting the 5-class
+    debug run under its name is refused before anything is written, and by default the debug
+    run gets its own name."""
+    root, cfg, _, model = trained
+    client = client_for(cfg.tracking)
+    katakana = tmp_path / "katakana"
+    katakana.mkdir()
+    write_classes(katakana / "classes.txt", CLASS_SETS["katakana48"])
+    with Tracker.from_config(cfg.tracking, run_name="katakana") as other:
+        other.log_artifact(katakana / "classes.txt", "export")
+    source = f"{client.get_run(other.run_id).info.artifact_uri}/export"
+    client.create_registered_model("katakana48-etl1c")
+    client.create_model_version("katakana48-etl1c", source, run_id=other.run_id)
+    out = tmp_path / "out"
+    refused = export_config(
+        root,
+        f"run={model.run_id}",
+        "formats=[onnx]",
+        "register_name=katakana48-etl1c",
+        f"output_dir={out}",
+    )
+    with pytest.raises(ExportError, match="reads 48 classes.*reads 5"):
+        export_run(refused)
+    assert not out.exists() or not any(out.iterdir())
+    assert [v.version for v in client.search_model_versions("name = 'katakana48-etl1c'")] == [1]
+
+    allowed = export_config(root, f"run={model.run_id}", "formats=[onnx]", f"output_dir={out}")
+    assert export_run(allowed).registered.split("/")[0] == NAME
+    assert [v.version for v in client.search_model_versions("name = 'katakana48-etl1c'")] == [1]

@@ -63,8 +63,6 @@ def test_debug_run_records_params_metrics_tags_and_artifacts(debug_run):
     artifacts = set(files())
     for expected in (
         "config.yaml",
-        "model/model.keras",
-        "model/classes.txt",
         "evaluation/per_class.csv",
         "evaluation/confusion_pairs.png",
         "evaluation/misclassified.png",
@@ -72,6 +70,18 @@ def test_debug_run_records_params_metrics_tags_and_artifacts(debug_run):
     ):
         assert expected in artifacts, expected
     assert str(root / "mlruns" / "artifacts") in run.info.artifact_uri
+    # the model is the run's MLflow model "model", its files under mlruns/artifacts too
+    (output,) = client.get_run(run.info.run_id).outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.name == "model" and logged.source_run_id == run.info.run_id
+    assert str(root / "mlruns" / "artifacts") in logged.artifact_location
+    listed = {
+        a.path
+        for folder in (None, "artifacts")
+        for a in client.list_logged_model_artifacts(logged.model_id, folder)
+    }
+    assert {"MLmodel", "artifacts/model.keras", "artifacts/classes.txt"} <= listed
+    assert tags["hwexp.model_name"] == "hiragana75-first5-synthetic"
 
 
 def test_mlflow_ui_on_the_store_lists_the_run(debug_run):

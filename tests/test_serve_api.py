@@ -50,6 +50,7 @@ from hwexp.synth.kanjivg import FRAME, load_glyph
 # Enough data and epochs that KanjiVG-drawn あいうえお are recognised (about 30 s on 2 CPUs).
 TRAIN_OVERRIDES = ("debug=default", "trainer.verbose=0", "synthetic.writers=40", "trainer.epochs=8")
 CANVAS = 400  # px: the side of the canvas the tests "draw" on
+NAME = "hiragana75-first5-synthetic"  # what the exporter names the debug model: what it reads
 
 
 class ExportedModel(NamedTuple):
@@ -182,9 +183,9 @@ def server(model: Recognizer) -> Iterator[tuple[str, int]]:
 def test_models_lists_names_class_counts_and_input_size(server, model):
     status, answer = request(server, "GET", "/api/models")
     assert status == 200
-    assert answer["default"] == model.name == "synthetic"  # the exporter names it by dataset
+    assert answer["default"] == model.name == NAME
     (listed,) = answer["models"]
-    assert (listed["name"], listed["classes"], listed["input_size"]) == ("synthetic", 5, 48)
+    assert (listed["name"], listed["classes"], listed["input_size"]) == (NAME, 5, 48)
     assert listed["preview"] == "あいうえお"
     assert 0 < listed["stroke_width"] < 0.1
 
@@ -196,7 +197,7 @@ def test_strokes_are_recognised_as_the_drawn_character(server, model):
             "POST",
             "/api/predict",
             {
-                "model": "synthetic",
+                "model": NAME,
                 "strokes": glyph_strokes(char, CANVAS),
                 "width": CANVAS,
                 "height": CANVAS,
@@ -209,7 +210,7 @@ def test_strokes_are_recognised_as_the_drawn_character(server, model):
         probabilities = [c["probability"] for c in candidates]
         assert probabilities == sorted(probabilities, reverse=True)
         assert sum(probabilities) == pytest.approx(1.0, abs=1e-3)
-        assert answer["model"] == "synthetic" and answer["ms"] > 0
+        assert answer["model"] == NAME and answer["ms"] > 0
         shown = decode_png(answer["input_png"])
         assert shown.shape == (48, 48) and shown.dtype == np.uint8 and shown.max() == 255
 
@@ -389,7 +390,7 @@ BAD_REQUESTS = {
     "bool points": (_strokes(strokes=[[[True, False]]]), 400, "two numbers"),
     "huge coordinate": (_strokes(strokes=[[[1e300, 2]]]), 400, "coordinates beyond"),
     "strokes and image": (_strokes(image=BLANK_PNG), 400, "either 'strokes'"),
-    "neither": ({"model": "synthetic"}, 400, "either 'strokes'"),
+    "neither": ({"model": NAME}, 400, "either 'strokes'"),
     "huge body": (b" " * (MAX_BODY_BYTES + 1000), 413, "at most 2097152"),
 }
 
@@ -435,7 +436,7 @@ def test_a_failing_model_gives_500_and_the_server_keeps_serving(model):
     with running_server([broken, model]) as address:
         status, answer = request(address, "POST", "/api/predict", _strokes(model="broken"))
         assert status == 500 and "out of cheese" in answer["error"]
-        status, answer = request(address, "POST", "/api/predict", _strokes(model="synthetic"))
+        status, answer = request(address, "POST", "/api/predict", _strokes(model=NAME))
         assert status == 200 and answer["candidates"][0]["char"] == "あ"
 
 

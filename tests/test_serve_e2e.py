@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from hwexp.recognition.loading import load_onnx
-from test_serve_api import exported_model, glyph_strokes, running_server
+from test_serve_api import NAME, exported_model, glyph_strokes, running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = [
@@ -112,7 +112,7 @@ def test_drawing_with_the_mouse_shows_the_character_first(browser, pad_url, tmp_
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(pad_url)
     page.wait_for_selector("body[data-ready='true']")
-    assert page.locator("#models button[aria-checked='true']").inner_text().startswith("synthetic")
+    assert page.locator("#models button[aria-checked='true']").inner_text().startswith(NAME)
 
     strokes = draw_with_mouse(page, "あ")
     assert top_candidate_after(page, strokes) == "あ"

@@ -12,8 +12,11 @@ import time
 from pathlib import Path
 
 import keras
+import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from hwexp import contract, errors
@@ -92,8 +95,6 @@ def test_artifacts(tracked_run, tmp_path) -> None:
     client, run_id, metrics, _ = tracked_run
     assert artifact_files(client, run_id) >= {
         "config.yaml",
-        "model/model.keras",
-        "model/classes.txt",
         "evaluation/per_class.csv",
         "evaluation/per_writer.csv",
         "evaluation/per_source.csv",
@@ -105,15 +106,84 @@ def test_artifacts(tracked_run, tmp_path) -> None:
         "training/curves.png",
     }
     local = Path(client.download_artifacts(run_id, "", str(tmp_path)))
-    assert (local / "model/classes.txt").read_text("utf-8").splitlines() == list(CLASSES)
     assert "lr: 0.001" in (local / "config.yaml").read_text("utf-8")
     assert (local / "evaluation/misclassified.png").read_bytes()[:4] == b"\x89PNG"
     per_class = (local / "evaluation/per_class.csv").read_text("utf-8").splitlines()
     assert per_class[0].startswith("char,codepoint,support") and len(per_class) == 1 + len(CLASSES)
+
+
+def test_model_is_an_mlflow_model_with_keras_inside(tracked_run, tmp_path) -> None:
+    client, run_id, metrics, _ = tracked_run
+    folder = run_lookup.download_trained_model(client, client.get_run(run_id), tmp_path)
+    assert {"MLmodel", "artifacts", "input_example.json", "requirements.txt"} <= {
+        p.name for p in folder.iterdir()
+    }
+    model_file, classes_file = contract.trained_model_files(folder)
+    assert model_file == folder / "artifacts" / "model.keras"
+    assert contract.read_classes(classes_file) == CLASSES
     # The logged model is the inference model: standard layers only, loads without hwexp.
-    model = keras.saving.load_model(local / "model/model.keras")
+    model = keras.saving.load_model(model_file)
     assert not any(type(layer).__name__.startswith("Random") for layer in model.layers)
     assert model.output_shape == (None, len(CLASSES))
+
+    (logged,) = client.search_logged_models([client.get_run(run_id).info.experiment_id])
+    assert logged.name == "model" and logged.source_run_id == run_id
+    assert logged.status.to_int() == LoggedModelStatus.READY.to_int()
+    assert (
+        logged.tags[contract.MODEL_NAME_TAG]
+        == client.get_run(run_id).data.tags[contract.MODEL_NAME_TAG]
+    )
+    # the run's test metrics are the model's too, without a second point in the run's history
+    linked = {m.key: m.value for m in logged.metrics}
+    assert linked["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
+    assert len(client.get_metric_history(run_id, "test/accuracy")) == 1
+
+
+def test_runs_logged_before_mlflow_models_still_load(tracked_run, tmp_path) -> None:
+    client, run_id, _, mlruns = tracked_run
+    source = run_lookup.load_trained_model(client, run_id)
+    old = tmp_path / contract.MODEL_DIR  # what hwexp logged before: model.keras, classes.txt
+    old.mkdir()
+    source.model.save(old / contract.MODEL_FILE)
+    contract.write_classes(old / contract.CLASSES_FILE, source.classes)
+    with Tracker.start("test-experiment", mlruns_dir=mlruns, run_name="old layout") as tracker:
+        tracker.log_text("seed: 0\n", contract.CONFIG_FILE)
+        tracker.client.log_artifacts(tracker.run_id, str(old), contract.MODEL_DIR)
+        tracker.set_tags({contract.HAS_MODEL_TAG: "true"})
+    loaded = run_lookup.load_trained_model(client, tracker.run_id)
+    assert loaded.classes == source.classes and loaded.config == {"seed": 0}
+    images = np.asarray(glyph_splits().test.images[:8])[..., None]
+    np.testing.assert_allclose(
+        loaded.model.predict_on_batch(images), source.model.predict_on_batch(images), atol=1e-6
+    )
+
+
+def test_pyfunc_predicts_characters_with_the_runs_test_accuracy(tracked_run, monkeypatch) -> None:
+    client, run_id, metrics, _ = tracked_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)  # as a user would
+    uri = f"runs:/{run_id}/{contract.MODEL_DIR}"
+    info = mlflow.models.get_model_info(uri)
+    spec = info.signature.inputs.inputs[0]
+    assert spec.type == np.dtype(np.uint8) and spec.shape == (-1, 16, 16)
+    assert info.signature.outputs.input_names()[:2] == ["character", "probability"]
+    assert info.metadata["classes"] == list(CLASSES) and info.run_id == run_id
+    model = mlflow.pyfunc.load_model(uri)
+    test = glyph_splits(sources=("etl8g", "synthetic")).test  # the fixture's data (seed 0)
+    images = np.asarray(test.images)
+    predicted = model.predict(images)
+    truth = np.array(CLASSES)[test.labels]
+    assert np.mean(predicted["character"].to_numpy() == truth) == pytest.approx(
+        metrics["test/accuracy"]
+    )
+    row = predicted.iloc[0]
+    assert row["top_characters"][0] == row["character"] and len(row["top_characters"]) == 4
+    assert row["probabilities"][CLASSES.index(row["character"])] == pytest.approx(
+        row["probability"]
+    )
+    top2 = model.predict(images[:3], params={"top_k": 2})
+    assert [len(c) for c in top2["top_characters"]] == [2, 2, 2]
+    with pytest.raises(Exception, match="uint8"):
+        model.predict(images.astype(np.float32))
 
 
 def test_nested_runs_and_failed_status(tmp_path) -> None:

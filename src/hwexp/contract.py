@@ -1,12 +1,15 @@
 """What training, tracking, export and serving agree on about a model and its run (no Keras,
-no MLflow): tensor names, top-k, the ``classes.txt`` format, tags and metadata keys, artifact
-paths and the default tracking store. Change a value here and every side follows.
+no MLflow): tensor names, top-k, the ``classes.txt`` format, a model's name, tags and metadata
+keys, artifact paths and the default tracking store. Change a value here and every side follows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 # Tensors of every trained and exported model: uint8 (n, S, S, 1) in, float32 (n, classes) out.
 INPUT_NAME = "image"
@@ -15,11 +18,13 @@ TOP_K = 5  # the k of top-k accuracy and of the served guesses
 INK = "white-on-black"  # input polarity of every model (as hwexp.data.preprocess writes it)
 
 # Artifacts of a training run.
-MODEL_DIR = "model"  # model/model.keras + model/classes.txt
+MODEL_DIR = "model"  # runs:/<run id>/model, an MLflow model: see trained_model_files
 MODEL_FILE = "model.keras"
 CLASSES_FILE = "classes.txt"
+PYFUNC_ARTIFACTS_DIR = "artifacts"  # where an MLflow pyfunc model keeps its files
 CONFIG_FILE = "config.yaml"
 EXPORT_DIR = "export"  # a verified export, logged to the run it was made from
+MODEL_CARD_FILE = "MODEL_CARD.md"  # in every export folder
 
 # Run tags.
 HAS_MODEL_TAG = "hwexp.has_model"  # set once a run's model artifact is complete
@@ -31,6 +36,8 @@ EVALUATED_RUN_TAG = "hwexp.evaluated_run"  # on an evaluation run: the run it ev
 # On an evaluation run: how many of the evaluated writers wrote samples of the evaluated run's
 # training split ("0": none; "unknown": the run's training data could not be rebuilt).
 WRITER_OVERLAP_TAG = "hwexp.writer_overlap"
+MODEL_NAME_TAG = "hwexp.model_name"  # on a training run and its model: model_name(...)
+CLASSES_DIGEST_TAG = "hwexp.classes_digest"  # on a registered version: classes_digest(...)
 
 # Metadata keys of an exported model (ONNX metadata, Core ML user-defined metadata).
 RUN_ID_KEY = "hwexp.run_id"
@@ -40,6 +47,62 @@ SOURCE_KEY = "hwexp.source"  # where its training images came from (synthetic, e
 TEST_ACCURACY_KEY = "hwexp.test_accuracy"  # "0.9876", or "unknown"
 PREPROCESS_KEY = "hwexp.preprocess"  # JSON of the preprocessing options
 CLASSES_KEY = "hwexp.classes"  # JSON list of the classes (ONNX only)
+MODEL_NAME_KEY = "hwexp.model_name"
+
+_CHARS_PREFIX = "chars:"  # hwexp.data.charsets.CHARS_PREFIX (the data layer's spelling)
+_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9_.+-]")
+
+
+def classes_digest(classes: Sequence[str]) -> str:
+    """16 hex digits of the SHA-256 of ``classes`` in output order: equal digests, same classes
+    in the same order."""
+    text = "\n".join(classes)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def model_name(dataset: Mapping[str, Any], classes: Sequence[str]) -> str:
+    """The name a model trained with run config block ``dataset`` on ``classes`` (its output
+    order) is exported, registered and logged under: what it reads, then what it learnt from.
+
+    ``<class set>-<sources>``:
+
+    * class set: a named set as named (``hiragana75``, ``katakana48``, ``kanji881``,
+      ``etl9_3036``); cut by ``limit_classes=K``: ``<set>-first<K>`` (``hiragana75-first5``);
+      ``chars:…`` or a list: ``chars<N>-<8 hex digits of classes_digest>``; ``auto`` (a
+      folder's names): ``folder<N>-<8 hex digits>``. So a subset never shares the full set's
+      name, and two subsets share one only when they are the same characters in the same order.
+    * sources: ``dataset.source``, sorted and joined by ``+`` (``hiragana75-etl8g``,
+      ``hiragana75-etl8g+synthetic``); left out when the class set's name already says it
+      (``kmnist10``, ``k49``, ``folder<N>-…`` from ``folder``).
+
+    Only ASCII letters, digits and ``_ . + -`` appear (a file stem and a registered model name
+    anywhere); ``dataset`` may be a plain mapping or an OmegaConf node.
+    """
+    spec = dataset.get("classes")
+    limit = dataset.get("limit_classes")
+    digest = classes_digest(classes)[:8]
+    if isinstance(spec, str) and spec == "auto":
+        class_set = f"folder{len(classes)}-{digest}"
+    elif isinstance(spec, str) and spec and not spec.startswith(_CHARS_PREFIX):
+        class_set = f"{spec}-first{int(limit)}" if limit else spec
+    else:
+        class_set = f"chars{len(classes)}-{digest}"
+    source = dataset.get("source") or []
+    sources = sorted([source] if isinstance(source, str) else [str(s) for s in source])
+    if len(sources) == 1 and class_set.startswith(sources[0]):
+        sources = []
+    name = "-".join([class_set, "+".join(sources)] if sources else [class_set])
+    return _UNSAFE_IN_NAME.sub("_", name)
+
+
+def trained_model_files(model_dir: str | Path) -> tuple[Path, Path]:
+    """``(model.keras, classes.txt)`` of a training run's downloaded ``model`` artifact: an
+    MLflow pyfunc model keeps them under ``artifacts/``; runs logged before hwexp logged MLflow
+    models hold them at the top of ``model/``."""
+    folder = Path(model_dir)
+    if not (folder / MODEL_FILE).is_file() and (folder / PYFUNC_ARTIFACTS_DIR).is_dir():
+        folder = folder / PYFUNC_ARTIFACTS_DIR
+    return folder / MODEL_FILE, folder / CLASSES_FILE
 
 
 def write_classes(path: str | Path, classes: Sequence[str]) -> None:

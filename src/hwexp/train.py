@@ -27,7 +27,7 @@ import numpy as np
 from keras import ops
 
 from hwexp.config_check import LR_SCHEDULES, OPTIMIZERS
-from hwexp.contract import TOP_K
+from hwexp.contract import MODEL_NAME_TAG, TOP_K, model_name
 from hwexp.errors import ConfigError, RunNotFound
 from hwexp.metrics import EvaluationReport
 from hwexp.model import (
@@ -543,9 +543,10 @@ def train_and_evaluate(
     Returns flat metrics: ``test/*`` (see ``EvaluationReport.metrics``), ``val/accuracy``
     (best epoch), ``val/loss`` (best epoch), ``val/top5_accuracy`` (at the best-accuracy
     epoch), ``train/epochs``, ``train/seconds``, ``train/samples_per_second``,
-    ``train/stopped_early`` (0/1). With a ``tracker``, also logs config, tags, per-epoch
-    metrics, these metrics, report files and, last (it tags the run ``hwexp.has_model=true``),
-    the inference model with ``classes.txt``. Raises ``ConfigError`` when no epoch was trained.
+    ``train/stopped_early`` (0/1). With a ``tracker``, also logs config, tags, the training
+    data (dataset inputs), per-epoch metrics, these metrics, report files and, last (it tags
+    the run ``hwexp.has_model=true``), the inference model as the MLflow model ``model``, named
+    by ``hwexp.contract.model_name``. Raises ``ConfigError`` when no epoch was trained.
     ``epoch_hook`` (see ``EpochHook``) may raise to abort, e.g. an Optuna pruner.
     ``init``: the run ``trainer.init_from`` names, if the caller loaded it already
     (``load_init_source``, e.g. before starting its MLflow run); else it is loaded here. A run
@@ -553,9 +554,11 @@ def train_and_evaluate(
     """
     init = init or load_init_source(cfg)
     extra = []
+    name = model_name(cfg.get("dataset") or {}, splits.classes)
     if tracker is not None:
         tracker.log_config(cfg)
-        tracker.set_tags(run_tags(splits, cfg))
+        tracker.set_tags({**run_tags(splits, cfg), MODEL_NAME_TAG: name})
+        tracker.log_training_data(splits)
         if init is not None:
             tracker.set_tags({INIT_FROM_TAG: init.run_id})
             tracker.log_params(init_from_params(splits.classes, init))
@@ -576,7 +579,8 @@ def train_and_evaluate(
         tracker.log_metrics(metrics)
         tracker.log_evaluation(report)
         tracker.log_history(result.history)
-        tracker.log_model(inference_model, splits.classes)  # last: hwexp.has_model=true
+        example = np.asarray(splits.test.images[:2])  # the model's input example
+        tracker.log_model(inference_model, splits.classes, name, example)  # last: has_model
     return metrics
 
 

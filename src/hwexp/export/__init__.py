@@ -6,7 +6,9 @@ test split (prepared with the run's config, under this command's ``paths``), and
 into ``<output_dir>/<run id>/``. Conversions run in a temporary folder beside it, so a failed
 conversion or check leaves the previous export (if any) untouched and no partial files.
 
-Formats (``formats=``) and the files they write (stem ``name``, default: the dataset's name):
+Formats (``formats=``) and the files they write (stem ``name``, default:
+``hwexp.contract.model_name``, what the model reads and learnt from, e.g.
+``hiragana75-etl8g``, ``hiragana75-first5-synthetic``):
 
 * ``coreml``: ``<name>.mlpackage``, ML Program for iOS 15+ (``coreml.weights=fp16``, the
   default) or iOS 16+ (``int8`` linear / ``palette8`` / ``palette4`` weight compression);
@@ -29,12 +31,20 @@ images (int8 models: the accuracy drop is reported, not enforced); Core ML specs
 from disk: one grayscale image input of the model's size, labels = classes in order, input
 scaling exactly once, no random ops, the run id in the metadata.
 
+Beside the files: ``classes.txt``, ``export.json``, ``MODEL_CARD.md`` (``card``: classes,
+input and preprocessing, data and licences, accuracy per source, intended use) and, with
+``onnx``, ``MLmodel`` and its environment files: the folder is an MLflow model with the ONNX
+flavour over ``<name>.onnx`` (signature, input example; ``hwexp.tracking.mlmodels``).
+
 Then (``log=true``) files, sizes, checks and ``export/<variant>/{accuracy,agreement,...}``
 metrics are logged to the source run, and (``register=true``) the export folder, Core ML package
-included, becomes a new version of the registered model ``register_name`` (default: the
-dataset's name) in the MLflow Model Registry.
+included, becomes a new version of the registered model ``register_name`` (default: the same
+``model_name``) in the MLflow Model Registry, with the model card as its description. A
+version that reads other classes than the registered model's newest is refused before
+anything is written.
 
 Modules: ``base`` (the ``Format`` interface), ``formats`` (the table of formats), one module
-per format (``coreml``, ``tflite``, ``onnx``), ``verify`` (checks and parity), ``run``
-(``export_run``), ``after_sweep`` (the Hydra callback) and ``__main__`` (the command).
+per format (``coreml``, ``tflite``, ``onnx``), ``verify`` (checks and parity), ``card`` (the
+model card), ``run`` (``export_run``), ``after_sweep`` (the Hydra callback) and ``__main__``
+(the command).
 """

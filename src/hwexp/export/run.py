@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from omegaconf import DictConfig
 
 from hwexp import __version__
@@ -24,15 +25,19 @@ from hwexp.contract import (
     DATASET_KEY,
     INK,
     INPUT_NAME,
+    MODEL_CARD_FILE,
+    MODEL_NAME_KEY,
     PREPROCESS_KEY,
     RUN_ID_KEY,
     SOURCE_KEY,
     TEST_ACCURACY_KEY,
+    model_name,
     write_classes,
 )
 from hwexp.data.dataset import run_data_config
 from hwexp.errors import ConfigError, ExportError
 from hwexp.export.base import Conversion, Exported
+from hwexp.export.card import SHOWN_CLASSES, model_card, registry_description
 from hwexp.export.coreml import CORE_ML_LABEL, CORE_ML_PROBS
 from hwexp.export.formats import FORMATS
 from hwexp.export.verify import verify
@@ -94,13 +99,49 @@ def _requested_formats(cfg: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
+def export_name(cfg: Mapping[str, Any], trained: TrainedModel) -> str:
+    """The file stem of an export: ``cfg.name``, else ``hwexp.contract.model_name``."""
+    return str(cfg.get("name") or model_name(trained.config.get("dataset", {}), trained.classes))
+
+
+def registry_name(cfg: Mapping[str, Any], trained: TrainedModel) -> str:
+    """The registered model an export becomes a version of: ``cfg.register_name``, else
+    ``hwexp.contract.model_name``."""
+    return str(
+        cfg.get("register_name") or model_name(trained.config.get("dataset", {}), trained.classes)
+    )
+
+
+def check_registry_name(cfg: Mapping[str, Any], client: Any, trained: TrainedModel) -> None:
+    """Refuse (before anything is written) to add a version that reads other classes than the
+    registered model's newest version: a 5-class run never replaces a 48-class model.
+
+    Raises:
+        ExportError: naming both class sets and what to do.
+    """
+    from hwexp.tracking.runs import registered_classes
+
+    if not (cfg.get("log", True) and cfg.get("register", True)):
+        return
+    name = registry_name(cfg, trained)
+    existing = registered_classes(client, name)
+    if existing is None or tuple(existing) == tuple(trained.classes):
+        return
+    raise ExportError(
+        f"registered model {name!r} reads {len(existing)} classes ({''.join(existing[:10])}…); "
+        f"run {trained.run_id} reads {len(trained.classes)} ({''.join(trained.classes[:10])}…), "
+        "so it cannot become a version of it. Leave register_name unset (the default name "
+        "says what a model reads) or choose a new name; nothing was written"
+    )
+
+
 def _describe(
     cfg: Mapping[str, Any], trained: TrainedModel, size: int
 ) -> tuple[str, dict[str, str], dict[str, str]]:
     """``(file stem, metadata, feature descriptions)`` for the exported files."""
     dataset = trained.config.get("dataset", {})
     dataset_name = str(dataset.get("name", "model"))
-    name = str(cfg.get("name") or dataset_name)
+    name = export_name(cfg, trained)
     preprocess = trained.config.get("preprocess", {})
     margin = float(preprocess.get("margin", 0.08))
     fitted = (
@@ -124,6 +165,7 @@ def _describe(
         ),
         "version": str(meta.get("version") or f"{__version__}+{trained.run_id[:8]}"),
         RUN_ID_KEY: trained.run_id,
+        MODEL_NAME_KEY: model_name(dataset, trained.classes),
         DATASET_KEY: dataset_name,
         SOURCE_KEY: str(dataset.get("source")),
         CLASS_SET_KEY: str(dataset.get("classes")),
@@ -180,6 +222,7 @@ def export_run(cfg: DictConfig) -> ExportResult:
         client, str(cfg.run), select.experiment, select.metric, select.parent_run
     )
     run_id = trained.run_id
+    check_registry_name(cfg, client, trained)
     model = inference_model(trained.model)
     splits = load_splits(run_data_config(cfg, trained.config), progress=False)
     if tuple(splits.classes) != tuple(trained.classes):
@@ -206,6 +249,7 @@ def export_run(cfg: DictConfig) -> ExportResult:
             metrics.update({f"export/{item.variant}/{k}": v for k, v in item.metrics.items()})
         report = {
             "run_id": run_id,
+            "name": cv.name,
             "formats": formats,
             "dataset": trained.config.get("dataset", {}).get("name"),
             "classes": len(trained.classes),
@@ -225,12 +269,35 @@ def export_run(cfg: DictConfig) -> ExportResult:
             )
         write_classes(staging / CLASSES_FILE, trained.classes)
         (staging / "export.json").write_text(json.dumps(report, indent=2, default=str), "utf-8")
+        (staging / MODEL_CARD_FILE).write_text(model_card(cv, splits, metrics, exported), "utf-8")
+        _add_mlflow_model(cv, exported, splits.test)
         _replace_folder(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     files = {e.variant: final / e.path.name for e in exported}
-    registered = _log_and_register(cfg, client, trained, final, metrics, files)
+    description = registry_description(
+        model_card(cv, splits, metrics, exported, shown_classes=SHOWN_CLASSES)
+    )
+    registered = _log_and_register(cfg, client, trained, final, metrics, files, description)
     return ExportResult(run_id, final, files, metrics, report, registered)
+
+
+def _add_mlflow_model(cv: Conversion, exported: list[Exported], test: Any) -> None:
+    """Make the staging folder an MLflow model with the ONNX flavour over the exported ONNX
+    file (``hwexp.tracking.mlmodels.add_onnx_flavour``); without one, say what is missing."""
+    from hwexp.tracking.mlmodels import add_onnx_flavour, example_images
+
+    onnx_files = [e.path for e in exported if e.variant == "onnx"]
+    if not onnx_files:
+        log.warning(
+            "no onnx in formats: the export is no MLflow model (no MLmodel, no signature in "
+            "the registry); add onnx to formats for one"
+        )
+        return
+    example = example_images(test.images, cv.size)[..., np.newaxis]
+    add_onnx_flavour(
+        cv.staging, onnx_files[0], cv.trained.classes, example, {**cv.metadata, "name": cv.name}
+    )
 
 
 def _log_and_register(
@@ -240,8 +307,10 @@ def _log_and_register(
     folder: Path,
     metrics: Mapping[str, float],
     files: Mapping[str, Path],
+    description: str,
 ) -> str | None:
-    """Log the export to its run and register it, as ``cfg.log`` / ``cfg.register`` say."""
+    """Log the export to its run and register it (``description``: the version's), as
+    ``cfg.log`` / ``cfg.register`` say."""
     from hwexp.tracking.runs import log_export, register_model
 
     if not cfg.get("log", True):
@@ -249,7 +318,7 @@ def _log_and_register(
     source = log_export(client, trained.run_id, folder, metrics, {EXPORT_RUN_TAG: str(folder)})
     if not cfg.get("register", True):
         return None
-    name = str(cfg.get("register_name") or trained.config.get("dataset", {}).get("name"))
+    name = registry_name(cfg, trained)
     coreml = files.get("coreml") or files.get("coreml_nn")
     tags = {
         "run_id": trained.run_id,
@@ -263,8 +332,9 @@ def _log_and_register(
             if k.endswith(("/accuracy", "/agreement"))
         },
     }
-    description = f"hwexp export of run {trained.run_id} ({', '.join(sorted(files))})"
-    version = register_model(client, name, trained.run_id, source, tags, description)
+    version = register_model(
+        client, name, trained.run_id, source, tags, description, classes=trained.classes
+    )
     return f"{name}/{version}"
 
 

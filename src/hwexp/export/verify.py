@@ -33,14 +33,17 @@ def compare_on_split(
 ) -> dict[str, dict[str, float]]:
     """Top-1 parity of each predictor with ``model`` (inference mode) on ``split``'s ``rows``.
 
-    Returns ``{"keras": {"accuracy"}, <variant>: {"accuracy", "agreement", "max_abs_diff",
-    "accuracy_drop"}}`` (accuracy drop = Keras accuracy - variant accuracy), streaming the
-    split batch by batch (never the full probability matrix).
+    Returns ``{"keras": {"accuracy", "source/<source>/accuracy" for each source},
+    <variant>: {"accuracy", "agreement", "max_abs_diff", "accuracy_drop"}}`` (accuracy drop =
+    Keras accuracy - variant accuracy), streaming the split batch by batch (never the full
+    probability matrix).
     """
     rows = np.arange(len(split)) if rows is None else rows
     if not len(rows):
         raise ExportError("the run's test split is empty: nothing to verify the export on")
     keras_correct = 0
+    sources = np.asarray(split.sources)[rows]
+    correct_by_row = np.zeros(len(rows), bool)
     totals = {name: {"agree": 0, "correct": 0, "max_abs_diff": 0.0} for name in predictors}
     for start in range(0, len(rows), batch_size):
         chosen = rows[start : start + batch_size]
@@ -49,6 +52,7 @@ def compare_on_split(
         reference = np.asarray(model.predict_on_batch(images), np.float32)
         top = reference.argmax(axis=1)
         keras_correct += int((top == labels).sum())
+        correct_by_row[start : start + len(chosen)] = top == labels
         for name, predict in predictors.items():
             probs = predict(images)
             totals[name]["agree"] += int((probs.argmax(axis=1) == top).sum())
@@ -57,6 +61,9 @@ def compare_on_split(
             totals[name]["max_abs_diff"] = max(totals[name]["max_abs_diff"], diff)
     n = float(len(rows))
     result = {"keras": {"accuracy": keras_correct / n}}
+    for source in np.unique(sources):
+        mine = sources == source
+        result["keras"][f"source/{source}/accuracy"] = float(correct_by_row[mine].mean())
     for name, total in totals.items():
         result[name] = {
             "accuracy": total["correct"] / n,
@@ -74,7 +81,8 @@ def _size_bytes(path: Path) -> int:
 
 
 def verify(cv: Conversion, test: SplitArrays, exported: list[Exported]) -> dict[str, float]:
-    """Fill each ``Exported``'s checks and metrics; returns the Keras-side metrics."""
+    """Fill each ``Exported``'s checks and metrics; returns the Keras-side metrics
+    (``keras/accuracy``, ``keras/source/<source>/accuracy``, ``test_samples``)."""
     predictors: dict[str, Predict] = {}
     for item in exported:
         item.metrics["size_bytes"] = float(_size_bytes(item.path))
@@ -97,7 +105,8 @@ def verify(cv: Conversion, test: SplitArrays, exported: list[Exported]) -> dict[
         else:
             item.checks["agreement"] = agreement >= minimum
     keras_accuracy = parity["keras"]["accuracy"]
-    metrics = {"keras/accuracy": keras_accuracy, "test_samples": float(len(rows))}
+    metrics = {f"keras/{key}": value for key, value in parity["keras"].items()}
+    metrics["test_samples"] = float(len(rows))
     logged = cv.trained.metrics.get("test/accuracy")
     if logged is not None and len(rows) == len(test) and abs(logged - keras_accuracy) > 1e-6:
         log.warning(

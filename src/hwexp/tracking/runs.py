@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from hwexp.contract import (
     BEST_TRIAL_TAG,
+    CLASSES_DIGEST_TAG,
     CLASSES_FILE,
     CONFIG_FILE,
     ERROR_TAG,
@@ -36,8 +37,10 @@ from hwexp.contract import (
     MODEL_DIR,
     MODEL_FILE,
     SWEEP_ID_TAG,
+    classes_digest,
     default_tracking_uri,
     read_classes,
+    trained_model_files,
 )
 from hwexp.errors import RunNotFound
 from hwexp.liveness import identity_alive
@@ -192,8 +195,44 @@ def find_run(
     return runs[0].info.run_id
 
 
+def trained_model_uri(client: MlflowClient, run: Any) -> str:
+    """Where the files of ``run``'s (an MLflow ``Run``) model are: the artifact location of
+    its logged model ``model``, or, for runs logged before hwexp logged MLflow models, its
+    ``model/`` artifact folder. (``runs:/<id>/model`` means the same, but MLflow resolves a
+    logged model there through the global tracking URI, which hwexp never sets.)"""
+    for output in run.outputs.model_outputs if run.outputs else []:
+        logged = client.get_logged_model(output.model_id)
+        if logged.name == MODEL_DIR:
+            return logged.artifact_location
+    return f"{run.info.artifact_uri.rstrip('/')}/{MODEL_DIR}"
+
+
+def download_trained_model(client: MlflowClient, run: Any, dst: str | Path) -> Path:
+    """Download ``run``'s model folder (``trained_model_uri``) into ``dst``; returns it.
+
+    Raises:
+        RunNotFound: the run has no model (e.g. it failed before saving one).
+    """
+    import mlflow.artifacts
+
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=trained_model_uri(client, run),
+                dst_path=str(dst),
+                tracking_uri=client.tracking_uri,
+            )
+        )
+    except (MlflowException, OSError) as error:
+        raise RunNotFound(
+            f"run {run.info.run_id} has no model artifact (status {run.info.status}); "
+            "choose a run that finished training"
+        ) from error
+
+
 def load_trained_model(client: MlflowClient, run_id: str) -> TrainedModel:
-    """Download and load ``model/model.keras``, ``model/classes.txt`` and ``config.yaml``.
+    """Download the run's model (``download_trained_model``) and load its Keras model and
+    classes (``hwexp.contract.trained_model_files``), and the run's ``config.yaml``.
 
     Raises:
         RunNotFound: the run has no model artifact (e.g. it failed before saving one).
@@ -202,17 +241,11 @@ def load_trained_model(client: MlflowClient, run_id: str) -> TrainedModel:
 
     run = client.get_run(run_id)
     with tempfile.TemporaryDirectory(prefix="hwexp-load-") as tmp:
-        try:
-            folder = Path(client.download_artifacts(run_id, MODEL_DIR, tmp))
-        except (MlflowException, OSError) as error:
-            raise RunNotFound(
-                f"run {run_id} has no model artifact (status {run.info.status}); "
-                "choose a run that finished training"
-            ) from error
-        if not (folder / MODEL_FILE).is_file():
+        model_file, classes_file = trained_model_files(download_trained_model(client, run, tmp))
+        if not model_file.is_file():
             raise RunNotFound(f"run {run_id} has no {MODEL_DIR}/{MODEL_FILE} artifact")
-        model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
-        classes = read_classes(folder / CLASSES_FILE)[: model.output_shape[-1]]
+        model = keras.saving.load_model(model_file, compile=False)
+        classes = read_classes(classes_file)[: model.output_shape[-1]]
         config_path = Path(client.download_artifacts(run_id, CONFIG_FILE, tmp))
         config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
     return TrainedModel(run_id, model, classes, config, dict(run.data.metrics))
@@ -250,6 +283,30 @@ def log_export(
     return f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
 
 
+def registered_classes(client: MlflowClient, name: str) -> tuple[str, ...] | None:
+    """The classes (output order) of the newest version of registered model ``name`` that holds
+    a ``classes.txt``, or None when there is no such model or version."""
+    import mlflow.artifacts
+
+    escaped = name.replace("'", "\\'")
+    try:
+        versions = client.search_model_versions(f"name = '{escaped}'")
+    except MlflowException:
+        return None
+    with tempfile.TemporaryDirectory(prefix="hwexp-classes-") as tmp:
+        for version in sorted(versions, key=lambda v: -int(v.version)):
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{version.source.rstrip('/')}/{CLASSES_FILE}",
+                    dst_path=tmp,
+                    tracking_uri=client.tracking_uri,
+                )
+            except (MlflowException, OSError):
+                continue
+            return read_classes(path)
+    return None
+
+
 def register_model(
     client: MlflowClient,
     name: str,
@@ -257,13 +314,16 @@ def register_model(
     source: str,
     tags: Mapping[str, str] | None = None,
     description: str | None = None,
+    classes: Sequence[str] | None = None,
 ) -> str:
     """Register ``source`` (an artifact URI of run ``run_id``, e.g. from ``log_export``) as a new
     version of registered model ``name`` (created when missing). Returns the version number.
+    ``classes``: what the version reads, tagged ``hwexp.classes_digest``.
 
     Raises:
         MlflowException: the tracking store has no model registry (e.g. a plain file store).
     """
+    tags = {**(tags or {}), **({CLASSES_DIGEST_TAG: classes_digest(classes)} if classes else {})}
     try:
         client.get_registered_model(name)
     except MlflowException:

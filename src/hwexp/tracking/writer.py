@@ -1,5 +1,5 @@
 """One MLflow run, written through ``MlflowClient``: ``Tracker`` (params, tags, metrics,
-text, figures, the model, evaluation reports, a heartbeat).
+text, figures, the training data, the model, evaluation reports, a heartbeat).
 
 A ``Tracker`` is one MLflow run, driven through ``MlflowClient`` (no global "active run"
 state, so parent/child runs and several trackers at once are explicit and safe).
@@ -17,7 +17,6 @@ import logging
 import re
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -38,13 +37,10 @@ from mlflow.utils.validation import (
 from omegaconf import DictConfig, OmegaConf
 
 from hwexp.contract import (
-    CLASSES_FILE,
     CONFIG_FILE,
     HAS_MODEL_TAG,
-    MODEL_DIR,
-    MODEL_FILE,
+    MODEL_NAME_TAG,
     default_tracking_uri,
-    write_classes,
 )
 from hwexp.liveness import Heartbeat, process_identity
 from hwexp.tracking.reports import (
@@ -58,7 +54,9 @@ from hwexp.tracking.reports import (
 
 if TYPE_CHECKING:
     import keras
+    import numpy as np
 
+    from hwexp.data.dataset import PreparedSplits
     from hwexp.metrics import EvaluationReport
 
 log = logging.getLogger(__name__)
@@ -290,17 +288,36 @@ class Tracker:
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
-    def log_model(self, model: keras.Model, classes: Sequence[str]) -> None:
-        """``model/model.keras`` and ``model/classes.txt`` (``hwexp.contract.write_classes``).
+    def log_model(
+        self,
+        model: keras.Model,
+        classes: Sequence[str],
+        name: str | None = None,
+        example: np.ndarray | None = None,
+    ) -> str:
+        """Log the inference ``model`` with its ``classes`` as this run's MLflow model ``model``
+        (``runs:/<run id>/model``, ``hwexp.tracking.mlmodels.log_keras_model``), named ``name``
+        (tag ``hwexp.model_name``, on the run too); ``example``: prepared images, ``(n, S, S)``
+        uint8. Last, tags the run ``hwexp.has_model=true``. Returns the logged model's id.
 
         Raises ``ValueError`` when a class contains a newline."""
-        with tempfile.TemporaryDirectory(prefix="hwexp-model-") as tmp:
-            folder = Path(tmp) / MODEL_DIR
-            folder.mkdir()
-            write_classes(folder / CLASSES_FILE, classes)
-            model.save(folder / MODEL_FILE)
-            self.client.log_artifacts(self.run_id, str(folder), MODEL_DIR)
-        self.set_tags({HAS_MODEL_TAG: "true"})
+        from hwexp.tracking.mlmodels import log_keras_model
+
+        model_id = log_keras_model(
+            self.client, self.experiment_id, self.run_id, model, classes, name, example
+        )
+        self.set_tags({**({MODEL_NAME_TAG: name} if name else {}), HAS_MODEL_TAG: "true"})
+        return model_id
+
+    def log_training_data(self, splits: PreparedSplits) -> None:
+        """Record what the run trained on as MLflow dataset inputs, one per cached source
+        (``hwexp.tracking.mlmodels.dataset_inputs``: name, digest = cache fingerprint, source,
+        class set); splits that did not come from the cache record nothing."""
+        from hwexp.tracking.mlmodels import dataset_inputs
+
+        inputs = dataset_inputs(splits)
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_evaluation(
         self, report: EvaluationReport, pairs: int = 20, misclassified: int = 36
