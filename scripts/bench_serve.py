@@ -15,9 +15,9 @@ Model: ``--model FILE.onnx`` (or any ``hwexp.serve`` model option after ``--``);
 a debug model (5 hiragana) is trained and exported into a temporary folder first (~1 min).
 
     python scripts/bench_serve.py                                  # train a debug model first
-    python scripts/bench_serve.py --model outputs/exports/<run>/hiragana.onnx
+    python scripts/bench_serve.py --model outputs/exports/<run>/hiragana75-synthetic.onnx
     python scripts/bench_serve.py --model m.onnx --clients 1 --mode keepalive   # one client
-    python scripts/bench_serve.py -- --registered hiragana --tracking-uri sqlite:///...
+    python scripts/bench_serve.py -- --registered hiragana75-synthetic --tracking-uri sqlite:///...
 """
 
 from __future__ import annotations
