@@ -137,8 +137,10 @@ def test_sweep_records_every_trial_resumes_and_recovers_an_interrupted_one(tmp_p
     best = [r.info.run_id for r in children if r.data.tags.get("hwexp.best_trial") == "true"]
     assert best == [run_of[study.best_trial.number]]
     exported = tmp_path / "outputs" / "exports" / best[0]
-    files = sorted(p.name for p in exported.iterdir())
-    assert files == ["classes.txt", "export.json", "synthetic.onnx"]
+    files = {p.name for p in exported.iterdir()}
+    name = client.get_run(best[0]).data.tags["hwexp.model_name"]  # what the model reads
+    assert name == "hiragana75-first5-synthetic"
+    assert {"classes.txt", "export.json", "MODEL_CARD.md", "MLmodel", f"{name}.onnx"} <= files
     assert "export/onnx/agreement" in client.get_run(best[0]).data.metrics
     assert sorted(p.name for p in sweep_dir.glob("trial_*")) == [f"trial_{i}" for i in range(4)]
 

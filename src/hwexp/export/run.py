@@ -154,8 +154,9 @@ def _describe(
     meta = cfg.get("metadata") or {}
     metadata = {
         "short_description": (
-            f"Handwritten character classifier: {len(trained.classes)} characters of "
-            f"{dataset_name} ({dataset.get('classes')}), hwexp run {trained.run_id}"
+            f"Handwritten character classifier {model_name(dataset, trained.classes)}: "
+            f"{len(trained.classes)} characters of {dataset_name} ({dataset.get('classes')}), "
+            f"hwexp run {trained.run_id}"
         ),
         "author": str(meta.get("author") or "hwexp"),
         "license": str(
