@@ -87,4 +87,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    from hwexp.cli import run_hydra_command
+
+    run_hydra_command(main)
