@@ -1,4 +1,5 @@
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -269,6 +270,45 @@ def test_failed_check_fails_and_writes_nothing(trained, tmp_path):
     assert sorted(p.name for p in previous.iterdir()) == ["old.txt"]
     logged_after = len(client.get_metric_history(model.run_id, "export/onnx/agreement"))
     assert logged_after == logged_before  # nothing logged for a failed export
+
+
+# What converters print on their own (coremltools' bars, the TFLite converter's and runtime's
+# C++ notes, a Keras FutureWarning on the way to ONNX): none of the user's business.
+CONVERTER_CHATTER = (
+    "Running MIL",
+    "Converting TF Frontend",
+    "fully_quantize",
+    "XNNPACK",
+    "FutureWarning",
+    "Downloading artifacts",
+)
+
+
+def test_export_shows_its_own_progress_and_no_converter_chatter(trained, tmp_path, capfd):
+    root, _, _, model = trained
+    cfg = export_config(
+        root,
+        f"run={model.run_id}",
+        "formats=[coreml,tflite,onnx]",
+        "tflite.representative_samples=20",
+        f"output_dir={tmp_path}",
+        "log=false",
+        "register=false",
+    )
+    export_run(cfg)
+    out, err = capfd.readouterr()
+    assert not [chatter for chatter in CONVERTER_CHATTER if chatter in out + err], out + err
+    steps = [line.split(" …")[0] for line in err.splitlines()]
+    assert steps == [
+        f"loading the model of run {model.run_id}",
+        "preparing the run's data",
+        "converting to coreml",
+        "converting to tflite",
+        "converting to onnx",
+        "checking 4 files against Keras on the test split",
+        "logging to the run and registering",
+    ], err
+    assert all(re.search(r" … \d+\.\d s$", line) for line in err.splitlines()), err
 
 
 def test_unknown_run_and_run_without_model_are_clear_errors(trained, monkeypatch, capsys):
