@@ -357,13 +357,23 @@ def test_after_sweep_exports_best_child_by_optimized_metric(trained, tmp_path):
         cfg.tracking, run_name="sweep", tags={SWEEP_ID_TAG: str(sweep_dir.resolve())}
     ) as parent:
         best_val = log_run(
-            cfg.tracking, source, metrics={"val/accuracy": 0.9, "test/accuracy": 0.1}, parent=parent
+            cfg.tracking,
+            source,
+            metrics={"val/best_accuracy": 0.9, "test/accuracy": 0.1},
+            parent=parent,
         )
         best_test = log_run(
-            cfg.tracking, source, metrics={"val/accuracy": 0.5, "test/accuracy": 0.9}, parent=parent
+            cfg.tracking,
+            source,
+            metrics={"val/best_accuracy": 0.5, "test/accuracy": 0.9},
+            parent=parent,
         )
     export_cfg = sweep_export_config(sweep_cfg, parent.run_id, ["formats=[onnx]"])
-    assert export_cfg.select.metric == "val/accuracy"  # the sweep's optimized_metric
+    assert export_cfg.select.metric == "val/best_accuracy"  # the sweep's optimized_metric
+    legacy = sweep_cfg.copy()
+    legacy.optimized_metric = "val/accuracy"  # its former name: the same best-epoch value
+    renamed = sweep_export_config(legacy, parent.run_id, ["formats=[onnx]"])
+    assert renamed.select.metric == "val/best_accuracy"
     assert export_cfg.select.parent_run == parent.run_id and export_cfg.run == "best"
     by_test = sweep_export_config(sweep_cfg, parent.run_id, ["select.metric=test/accuracy"])
     assert find_run(client_for(cfg.tracking), **_selection(by_test)) == best_test

@@ -42,9 +42,9 @@ def test_debug_run_records_params_metrics_tags_and_artifacts(debug_run):
     assert params["model.name"] == "vgg_bn" and params["dataset.source"] == "synthetic"
     assert params["preprocess.size"] == "48" and params["trainer.epochs"] == "2"
     metrics = run.data.metrics
-    for key in ("test/accuracy", "test/top5_accuracy", "test/macro_f1", "val/accuracy"):
+    for key in ("test/accuracy", "test/top5_accuracy", "test/macro_f1", "val/best_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    history = client.get_metric_history(run.info.run_id, "val/accuracy")
     assert [m.step for m in history] == [1, 2]
     tags = run.data.tags
     assert tags["dataset"] == "synthetic" and tags["num_classes"] == "5"

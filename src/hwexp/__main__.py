@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from hwexp import CONF_DIR
+from hwexp.contract import summary_metric_name
 from hwexp.errors import ConfigError, exit_on_error
 
 log = logging.getLogger("hwexp")
@@ -80,7 +81,7 @@ def main(cfg: DictConfig) -> float:
     """
     with exit_on_error(reraise=cfg.get("sweep_trial") is not None):
         metrics = run_training(cfg)
-        name = cfg.optimized_metric
+        name = summary_metric_name(cfg.optimized_metric)  # val/accuracy: val/best_accuracy
         if name not in metrics:
             raise ConfigError(f"optimized_metric={name}: not among the metrics {sorted(metrics)}")
     return float(metrics[name])

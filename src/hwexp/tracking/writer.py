@@ -44,6 +44,7 @@ from hwexp.contract import (
     MODEL_DIR,
     MODEL_FILE,
     default_tracking_uri,
+    epoch_metric_name,
     write_classes,
 )
 from hwexp.liveness import Heartbeat, process_identity
@@ -333,7 +334,9 @@ class Tracker:
         self.client.log_image(self.run_id, grid, "evaluation/misclassified.png")
 
     def log_history(self, history: Mapping[str, Sequence[float]]) -> None:
-        """Per-epoch Keras logs as ``training/history.csv`` and ``training/curves.png``."""
+        """Per-epoch Keras logs as ``training/history.csv`` and ``training/curves.png``, under
+        their tracked names (``epoch_metric_name``: ``train/loss``, ``val/accuracy``, ...)."""
+        history = {epoch_metric_name(key): values for key, values in history.items()}
         epochs = max((len(v) for v in history.values()), default=0)
         keys = sorted(history)
         rows = [
@@ -344,14 +347,16 @@ class Tracker:
         self.log_figure(curves_figure(history), "training/curves.png")
 
     def keras_callback(self) -> keras.callbacks.Callback:
-        """A Keras callback logging each epoch's logs (Keras names, step = completed epochs)."""
+        """A Keras callback logging each epoch's logs under their tracked names
+        (``epoch_metric_name``: ``train/loss``, ``val/accuracy``, ...), step = completed epochs."""
         import keras
 
         tracker = self
 
         class EpochMetrics(keras.callbacks.Callback):
             def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-                tracker.log_metrics(logs or {}, step=epoch + 1)
+                named = {epoch_metric_name(key): value for key, value in (logs or {}).items()}
+                tracker.log_metrics(named, step=epoch + 1)
 
         return EpochMetrics()
 
