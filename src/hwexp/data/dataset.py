@@ -117,6 +117,7 @@ class PreparedSplits:
     image_size: int
     source_weights: dict[str, float]
     name: str
+    class_set: str = ""  # the class set's short name: hiragana75, hiragana75-first5, custom3, ...
 
 
 def dataset_sources(dataset_cfg: Mapping) -> list[str]:
@@ -223,7 +224,7 @@ def load_splits(cfg: Mapping, progress: bool = True) -> PreparedSplits:
     """Prepared, split data for ``cfg`` (keys ``dataset``, ``preprocess``, ``split``,
     ``paths``, ``seed``, optional ``workers`` and ``synthetic``)."""
     dataset_cfg = cfg["dataset"]
-    classes, _ = class_set_of(dataset_cfg)
+    classes, class_set = class_set_of(dataset_cfg)
     index_of = {char: i for i, char in enumerate(classes)}
     split_cfg = cfg["split"]
     prepared = prepare_sources(cfg, progress=progress)
@@ -265,4 +266,5 @@ def load_splits(cfg: Mapping, progress: bool = True) -> PreparedSplits:
         image_size=size,
         source_weights={name: float(weights_cfg.get(name, 1.0)) for name in prepared},
         name=str(dataset_cfg.get("name", "dataset")),
+        class_set=class_set,
     )

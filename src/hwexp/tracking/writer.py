@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
@@ -71,6 +73,9 @@ HEARTBEAT_INTERVAL_S = 30.0
 HEARTBEAT_STALE_S = 300.0  # a RUNNING run on another host without a beat this long is dead
 _INVALID_KEY_CHARS = re.compile(r"[^\w\-./ ]")  # MLflow also allows ":", but not on Windows
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
+# Config blocks not logged as params (config.yaml keeps them): where files are, a sweep trial's
+# bookkeeping, what to do after a sweep. They say nothing about what was trained.
+NOT_PARAMS = ("paths", "sweep_trial", "export")
 
 
 def flatten_config(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
@@ -88,10 +93,23 @@ def flatten_config(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dic
     return flat
 
 
+def run_name(class_set: str, model: str, seed: int, trial: int | None = None) -> str:
+    """What a training run is, as its MLflow name: ``hiragana75 vgg_bn s42`` (class set, model,
+    seed), ``... trial 3`` for a sweep's trial."""
+    name = f"{class_set} {model} s{seed}"
+    return name if trial is None else f"{name} trial {trial}"
+
+
 def mlflow_key(key: str) -> str:
     """``key`` made acceptable to MLflow as a metric/param name: characters other than
     letters, digits, ``_ - . /`` and space become ``_``; at most 250 characters."""
     return _INVALID_KEY_CHARS.sub("_", key)[:MAX_ENTITY_KEY_LENGTH]
+
+
+def runs_page_url(experiment_id: str, server: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page listing an experiment's training runs (not the GenAI traces view
+    that MLflow 3 opens by default)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -210,6 +228,14 @@ class Tracker:
     def artifact_uri(self) -> str:
         return self.client.get_run(self.run_id).info.artifact_uri
 
+    def artifact_location(self, artifact_path: str) -> str:
+        """Where the run's ``artifact_path`` is: a local path for a local artifact store, else
+        its URI."""
+        uri = f"{self.artifact_uri.rstrip('/')}/{artifact_path}"
+        if uri.startswith("file:"):
+            return url2pathname(urlparse(uri).path)
+        return uri
+
     # ----------------------------------------------------------------- life cycle
 
     def end(self, status: str = "FINISHED") -> None:
@@ -273,9 +299,11 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=chunk)
 
     def log_config(self, cfg: Mapping[str, Any] | DictConfig) -> None:
-        """The resolved config as params (flattened) and as ``config.yaml``."""
+        """The resolved config as ``config.yaml``, and as params (flattened) but for the blocks
+        that say where, not what (``NOT_PARAMS``: ``paths``, ...)."""
         config = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
-        self.log_params(flatten_config(config))
+        resolved = OmegaConf.to_container(config, resolve=True)
+        self.log_params(flatten_config({k: v for k, v in resolved.items() if k not in NOT_PARAMS}))
         self.log_text(OmegaConf.to_yaml(config, resolve=True), CONFIG_FILE)
 
     # ----------------------------------------------------------------- files
