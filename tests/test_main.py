@@ -216,3 +216,30 @@ def test_a_training_killed_with_sigkill_is_failed_by_the_next_lookup_and_never_s
     with pytest.raises(RunNotFound, match=f"run {killed} is FAILED"):
         find_run(client, killed)
 
+
+def test_ctrl_c_during_training_is_one_line_exit_130_and_a_killed_run(tmp_path):
+    """SIGINT (Ctrl+C) once the first epoch is logged: one line on stderr naming the run, no
+    traceback, exit status 130, the MLflow run KILLED."""
+    process = endless_training(tmp_path, subprocess.PIPE)
+    try:
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+        run_id, deadline = None, time.monotonic() + 300
+        while run_id is None and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.5)
+            experiment = client.get_experiment_by_name("hwexp-debug")
+            for run in client.search_runs([experiment.experiment_id]) if experiment else []:
+                if client.get_metric_history(run.info.run_id, "val/accuracy"):
+                    run_id = run.info.run_id  # an epoch is done: training is under way
+        assert run_id is not None, "no epoch was logged in time"
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert stderr.strip().splitlines()[-1] == f"interrupted: MLflow run {run_id} marked KILLED"
+    assert sum("interrupt" in line for line in stderr.splitlines()) == 1
+    assert client.get_run(run_id).info.status == "KILLED"

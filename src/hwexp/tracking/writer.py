@@ -255,8 +255,13 @@ class Tracker:
     ) -> None:
         if exc_type is None:
             self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            already = self._ended
+            self.end("KILLED")
+            if exc is not None and not already:
+                exc.add_note(f"MLflow run {self.run_id} marked KILLED")
         else:
-            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+            self.end("FAILED")
 
     def heartbeat(self, interval_s: float = HEARTBEAT_INTERVAL_S) -> Heartbeat:
         """A context manager that marks this run as trained by this process: tags
