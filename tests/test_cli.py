@@ -2,6 +2,7 @@
 errors as one message and exit status 1; and the package as a wheel, outside the checkout."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,10 +10,11 @@ import sysconfig
 import venv
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
-from data_config import run_module
-from hwexp.cli import COMMANDS, usage
+from data_config import error_lines, run_module
+from hwexp.cli import COMMANDS, QUOTING_HINT, hydra_overrides, quote_non_ascii, usage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,3 +105,105 @@ def test_wheel_trains_outside_the_checkout_with_a_user_config_dir(tmp_path):
     client = MlflowClient(f"sqlite:///{work}/mlruns/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("hwexp-debug").experiment_id])
     assert run.data.params["model.widths"] == "[8, 16]"
+
+
+def test_data_help_lists_its_subcommands_and_options(tmp_path):
+    result = run_module(tmp_path, "hwexp.cli", "data", "--help")
+    assert result.returncode == 0, result.stderr
+    for subcommand in ("prepare", "show", "stats", "download", "verify"):
+        assert re.search(rf"^  {subcommand} ", result.stdout, re.M), subcommand
+    assert "show.per_class" in result.stdout and "verify.remove=true" in result.stdout
+
+
+# Prints the help of `hwexp <command>` and whether TensorFlow was imported meanwhile.
+HELP_AND_IMPORTS = """
+import sys
+from hwexp.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print("tensorflow imported:", "tensorflow" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    "command, groups", [("evaluate", {"dataset", "split", "tracking"}), ("export", {"tracking"})]
+)
+def test_evaluate_and_export_help_list_their_own_groups_without_loading_tensorflow(
+    tmp_path, command, groups
+):
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_AND_IMPORTS, command, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"hwexp {command} ")
+    listed = set(re.findall(r"^(\w+): ", result.stdout.split("== Config ==")[0], re.M))
+    assert groups <= listed
+    assert not {"model", "augment", "callbacks", "trainer", "hparams_search"} & listed, listed
+    assert result.stdout.strip().endswith("tensorflow imported: False")
+
+
+def test_unquoted_non_ascii_values_reach_hydra_quoted_or_fail_with_a_quoting_hint(tmp_path):
+    """What bash passes for the README's ``dataset.classes='chars:あいう'`` works; a list of
+    non-ASCII values that cannot be quoted as a whole is one error line saying how to quote."""
+    assert hydra_overrides(["dataset.classes=chars:あいう", "+x=あ's", "seed=1"]) == [
+        "dataset.classes='chars:あいう'",
+        '+x="あ\'s"',
+        "seed=1",
+    ]
+    assert quote_non_ascii("dataset.path=~/データ") == "dataset.path='~/データ'"
+    stats = run_module(
+        tmp_path,
+        "hwexp.cli",
+        "data",
+        "stats",
+        "dataset.classes=chars:あいう",
+        "synthetic.writers=12",
+        "workers=1",
+    )
+    assert stats.returncode == 0, stats.stderr
+    assert "3 classes" in stats.stdout
+    listed = run_module(tmp_path, "hwexp", "dataset.classes=[あ,い]")
+    assert error_lines(listed) == [f"error: dataset.classes=[あ,い]: {QUOTING_HINT}"]
+    assert "LexerNoViableAltException" not in listed.stderr
+
+
+def test_tab_completion_in_bash_completes_commands_and_each_commands_options(tmp_path):
+    """``eval "$(hwexp -sc install=bash)"`` as the README says, then Tab pressed on a few
+    command lines (bash's completion variables set as bash sets them)."""
+    hwexp = shutil.which("hwexp", path=Path(sys.executable).parent)
+    assert hwexp, "the hwexp command is not installed beside this Python (pip install -e .)"
+    script = """
+eval "$(hwexp -sc install=bash)"
+tab() {
+    COMP_LINE="$1"; COMP_POINT=${#COMP_LINE}; read -ra COMP_WORDS <<< "$COMP_LINE"
+    COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); COMPREPLY=()
+    hydra_bash_completion; echo "$1 -> ${COMPREPLY[*]}"
+}
+tab "hwexp ev"
+tab "hwexp evaluate pa"
+tab "hwexp train dataset=ka"
+tab "hwexp dataset=hi"
+tab "hwexp data pre"
+tab "hwexp data prepare dataset=kan"
+tab "hwexp export regi"
+"""
+    env = os.environ | {"PATH": f"{Path(hwexp).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    completed = dict(line.split(" -> ") for line in done.stdout.splitlines())
+    assert completed == {
+        "hwexp ev": "evaluate",
+        "hwexp evaluate pa": "part= paths. paths=",
+        "hwexp train dataset=ka": "dataset=kanji dataset=kanji3036 dataset=katakana",
+        "hwexp dataset=hi": "dataset=hiragana",
+        "hwexp data pre": "prepare",
+        "hwexp data prepare dataset=kan": "dataset=kanji dataset=kanji3036",
+        "hwexp export regi": "register= register_name=",
+    }

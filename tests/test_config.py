@@ -172,7 +172,8 @@ BAD_OPTIONS = {  # override -> the one error line's start
     "synthetic.canvas_size=8": "synthetic.canvas_size=8: choose between 16 and 1024",
     "preprocess.size=abc": "preprocess.size=abc: an integer",
     "dataset.source=foo": "dataset.source=foo: one of etl1c",
-    "optimized_metric=val/acc": "optimized_metric=val/acc: one of val/accuracy",
+    "optimized_metric=val/acc": "optimized_metric=val/acc: one of val/best_accuracy",
+    "optimized_metric=val/accuracy": None,  # the former name of val/best_accuracy
     "model=article": None,  # valid
 }
 

@@ -1,4 +1,5 @@
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -285,6 +286,45 @@ def test_failed_check_fails_and_writes_nothing(trained, tmp_path):
     assert logged_after == logged_before  # nothing logged for a failed export
 
 
+# What converters print on their own (coremltools' bars, the TFLite converter's and runtime's
+# C++ notes, a Keras FutureWarning on the way to ONNX): none of the user's business.
+CONVERTER_CHATTER = (
+    "Running MIL",
+    "Converting TF Frontend",
+    "fully_quantize",
+    "XNNPACK",
+    "FutureWarning",
+    "Downloading artifacts",
+)
+
+
+def test_export_shows_its_own_progress_and_no_converter_chatter(trained, tmp_path, capfd):
+    root, _, _, model = trained
+    cfg = export_config(
+        root,
+        f"run={model.run_id}",
+        "formats=[coreml,tflite,onnx]",
+        "tflite.representative_samples=20",
+        f"output_dir={tmp_path}",
+        "log=false",
+        "register=false",
+    )
+    export_run(cfg)
+    out, err = capfd.readouterr()
+    assert not [chatter for chatter in CONVERTER_CHATTER if chatter in out + err], out + err
+    steps = [line.split(" …")[0] for line in err.splitlines()]
+    assert steps == [
+        f"loading the model of run {model.run_id}",
+        "preparing the run's data",
+        "converting to coreml",
+        "converting to tflite",
+        "converting to onnx",
+        "checking 4 files against Keras on the test split",
+        "logging to the run and registering",
+    ], err
+    assert all(re.search(r" … \d+\.\d s$", line) for line in err.splitlines()), err
+
+
 def test_unknown_run_and_run_without_model_are_clear_errors(trained, monkeypatch, capsys):
     root, cfg, _, _ = trained
     with pytest.raises(RunNotFound, match="does not exist"):
@@ -331,13 +371,23 @@ def test_after_sweep_exports_best_child_by_optimized_metric(trained, tmp_path):
         cfg.tracking, run_name="sweep", tags={SWEEP_ID_TAG: str(sweep_dir.resolve())}
     ) as parent:
         best_val = log_run(
-            cfg.tracking, source, metrics={"val/accuracy": 0.9, "test/accuracy": 0.1}, parent=parent
+            cfg.tracking,
+            source,
+            metrics={"val/best_accuracy": 0.9, "test/accuracy": 0.1},
+            parent=parent,
         )
         best_test = log_run(
-            cfg.tracking, source, metrics={"val/accuracy": 0.5, "test/accuracy": 0.9}, parent=parent
+            cfg.tracking,
+            source,
+            metrics={"val/best_accuracy": 0.5, "test/accuracy": 0.9},
+            parent=parent,
         )
     export_cfg = sweep_export_config(sweep_cfg, parent.run_id, ["formats=[onnx]"])
-    assert export_cfg.select.metric == "val/accuracy"  # the sweep's optimized_metric
+    assert export_cfg.select.metric == "val/best_accuracy"  # the sweep's optimized_metric
+    legacy = sweep_cfg.copy()
+    legacy.optimized_metric = "val/accuracy"  # its former name: the same best-epoch value
+    renamed = sweep_export_config(legacy, parent.run_id, ["formats=[onnx]"])
+    assert renamed.select.metric == "val/best_accuracy"
     assert export_cfg.select.parent_run == parent.run_id and export_cfg.run == "best"
     by_test = sweep_export_config(sweep_cfg, parent.run_id, ["select.metric=test/accuracy"])
     assert find_run(client_for(cfg.tracking), **_selection(by_test)) == best_test

@@ -1,24 +1,21 @@
-"""The main command end to end: a debug run's MLflow record, and `mlflow ui` showing it."""
+"""The main command end to end: a debug run's MLflow record, its output, `mlflow ui` showing
+it (in headless Chromium), and Ctrl+C."""
 
-import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from data_config import TYPO_ERROR, error_lines, run_module
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from test_serve_e2e import CHROMIUM, CHROMIUM_ARGS, save_artifact
 
 
 @pytest.fixture(scope="module")
@@ -27,24 +24,27 @@ def debug_run(tmp_path_factory):
     result = run_module(root, "hwexp", "debug=default", "trainer.verbose=0")
     assert result.returncode == 0, result.stderr[-3000:]
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
-    return root, uri, result.stdout
+    return root, uri, result
 
 
 def test_debug_run_records_params_metrics_tags_and_artifacts(debug_run):
-    root, uri, stdout = debug_run
+    root, uri, result = debug_run
+    stdout = result.stdout
     assert f"mlflow ui --backend-store-uri {uri}" in stdout
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("hwexp-debug")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.info.run_id in stdout
+    assert run.info.run_name == "hiragana75-first5 vgg_bn s42"  # class set, model, seed
     params = run.data.params
     assert params["model.name"] == "vgg_bn" and params["dataset.source"] == "synthetic"
     assert params["preprocess.size"] == "48" and params["trainer.epochs"] == "2"
+    assert not [key for key in params if key.startswith(("paths.", "export."))]  # not what ran
     metrics = run.data.metrics
-    for key in ("test/accuracy", "test/top5_accuracy", "test/macro_f1", "val/accuracy"):
+    for key in ("test/accuracy", "test/top5_accuracy", "test/macro_f1", "val/best_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    history = client.get_metric_history(run.info.run_id, "val/accuracy")
     assert [m.step for m in history] == [1, 2]
     tags = run.data.tags
     assert tags["dataset"] == "synthetic" and tags["num_classes"] == "5"
@@ -84,47 +84,85 @@ def test_debug_run_records_params_metrics_tags_and_artifacts(debug_run):
     assert tags["hwexp.model_name"] == "hiragana75-first5-synthetic"
 
 
-def test_mlflow_ui_on_the_store_lists_the_run(debug_run):
-    root, uri, _ = debug_run
+# Start-up and library chatter no command may print (issue 16, item 6).
+NOISE = (
+    "cuInit",
+    "absl",
+    "oneDNN custom operations",
+    "Could not find cuda drivers",
+    "Downloading artifacts",
+    "Creating initial MLflow database tables",
+    "Traceback",
+)
+
+
+def test_debug_run_prints_no_start_up_noise_and_ends_with_where_its_results_are(debug_run):
+    root, uri, result = debug_run
+    output = result.stdout + result.stderr
+    assert not [noise for noise in NOISE if noise in output], output[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-2] == f"see it with  mlflow ui --backend-store-uri {uri}"
+    runs_table = r"then open +http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?.+"
+    assert re.fullmatch(runs_table, lines[-1])
+    labels = "model|curves|confusion pairs|misclassified"
+    located = dict(re.findall(rf"^  ({labels}) +(/\S+)$", result.stdout, re.M))
+    assert sorted(located) == ["confusion pairs", "curves", "misclassified", "model"]
+    assert located["model"].endswith("model/model.keras")
+    for path in located.values():
+        assert Path(path).is_file() and Path(path).is_relative_to(root / "mlruns"), path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary (apt-get install chromium)")
+def test_the_printed_mlflow_link_opens_the_runs_table_with_the_run_named(debug_run, tmp_path):
+    """The command the run printed, `mlflow ui` on its store (one worker, a free port), and the
+    link it printed opened in headless Chromium: the runs table (not MLflow 3's GenAI
+    overview) shows the run by its name. Screenshot: ``tmp_path/mlflow-runs.png``."""
+    from playwright.sync_api import sync_playwright
+
+    root, uri, result = debug_run
+    link = result.stdout.strip().splitlines()[-1].split()[-1]
     port = free_port()
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            uri,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+        + ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         cwd=root,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    base = f"http://127.0.0.1:{port}"
     try:
-        body = None
-        deadline = time.time() + 90
-        while time.time() < deadline and body is None:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, "mlflow ui ended"
             try:
-                request = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search",
-                    data=json.dumps({"max_results": 10}).encode(),
-                    headers={"Content-Type": "application/json"},
-                )
-                body = json.load(urllib.request.urlopen(request, timeout=5))
+                urllib.request.urlopen(f"{base}/health", timeout=5)
+                break
             except OSError:
+                assert time.monotonic() < deadline, "mlflow ui did not answer"
                 time.sleep(1)
-        assert body is not None, "mlflow ui did not answer"
-        names = {e["name"] for e in body["experiments"]}
-        assert "hwexp-debug" in names
-        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()
-        assert b"MLflow" in page
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.goto(link.replace("http://127.0.0.1:5000", base))
+                name = page.get_by_text("hiragana75-first5 vgg_bn s42", exact=True)
+                name.first.wait_for(timeout=90_000)
+                save_artifact(page, tmp_path, "mlflow-runs.png")
+                assert page.get_by_role("heading", name="Runs").is_visible()
+                assert "workflowType=machine_learning" in page.url
+                assert page.get_by_role("heading", name="Overview").count() == 0  # GenAI's
+            finally:
+                browser.close()
     finally:
         server.terminate()
         server.wait(timeout=30)
+    assert (tmp_path / "mlflow-runs.png").stat().st_size > 10_000
 
 
 def test_a_bad_option_is_one_error_line_and_exit_1_with_no_run(tmp_path):
@@ -133,27 +171,27 @@ def test_a_bad_option_is_one_error_line_and_exit_1_with_no_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]  # no data, no mlruns
 
 
+def endless_training(root: Path, output: int) -> subprocess.Popen:
+    """A debug training of 1000 epochs in ``root``; its stdout and stderr go to ``output``
+    (``subprocess.PIPE``: text)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "hwexp", "debug=default", "trainer.epochs=1000"]
+        + ["trainer.verbose=0", "callbacks.early_stopping.enabled=false"],
+        env=os.environ | {"HWEXP_ROOT": str(root)},
+        cwd=root,
+        stdout=output,
+        stderr=output,
+        text=True,
+    )
+
+
 def test_a_training_killed_with_sigkill_is_failed_by_the_next_lookup_and_never_selected(tmp_path):
     from hwexp.contract import ERROR_TAG, HAS_MODEL_TAG
     from hwexp.errors import RunNotFound
     from hwexp.tracking.runs import find_run
     from hwexp.tracking.writer import PROCESS_TAG, Tracker
 
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hwexp",
-            "debug=default",
-            "trainer.epochs=1000",
-            "trainer.verbose=0",
-            "callbacks.early_stopping.enabled=false",
-        ],
-        env=os.environ | {"HWEXP_ROOT": str(tmp_path)},
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = endless_training(tmp_path, subprocess.DEVNULL)
     try:
         client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
         killed = None
@@ -187,3 +225,31 @@ def test_a_training_killed_with_sigkill_is_failed_by_the_next_lookup_and_never_s
     assert run.info.status == "FAILED" and "is gone" in run.data.tags[ERROR_TAG]
     with pytest.raises(RunNotFound, match=f"run {killed} is FAILED"):
         find_run(client, killed)
+
+
+def test_ctrl_c_during_training_is_one_line_exit_130_and_a_killed_run(tmp_path):
+    """SIGINT (Ctrl+C) once the first epoch is logged: one line on stderr naming the run, no
+    traceback, exit status 130, the MLflow run KILLED."""
+    process = endless_training(tmp_path, subprocess.PIPE)
+    try:
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+        run_id, deadline = None, time.monotonic() + 300
+        while run_id is None and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.5)
+            experiment = client.get_experiment_by_name("hwexp-debug")
+            for run in client.search_runs([experiment.experiment_id]) if experiment else []:
+                if client.get_metric_history(run.info.run_id, "val/accuracy"):
+                    run_id = run.info.run_id  # an epoch is done: training is under way
+        assert run_id is not None, "no epoch was logged in time"
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert stderr.strip().splitlines()[-1] == f"interrupted: MLflow run {run_id} marked KILLED"
+    assert sum("interrupt" in line for line in stderr.splitlines()) == 1
+    assert client.get_run(run_id).info.status == "KILLED"

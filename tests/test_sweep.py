@@ -133,7 +133,9 @@ def test_sweep_records_every_trial_resumes_and_recovers_an_interrupted_one(tmp_p
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["hwexp.trial_state"] == "COMPLETE"
-        assert "val/accuracy" in child.data.metrics
+        assert "val/best_accuracy" in child.data.metrics
+        number = child.data.tags["hwexp.trial_number"]
+        assert child.info.run_name == f"hiragana75-first5 article s42 trial {number}"
     best = [r.info.run_id for r in children if r.data.tags.get("hwexp.best_trial") == "true"]
     assert best == [run_of[study.best_trial.number]]
     exported = tmp_path / "outputs" / "exports" / best[0]

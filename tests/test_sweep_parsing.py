@@ -231,7 +231,7 @@ def test_the_katakana_search_covers_what_the_article_tuned_by_hand() -> None:
         cfg = compose("config", ["hparams_search=katakana"], return_hydra_config=True)
     assert cfg.hydra.sweeper._target_.endswith("HwexpOptunaSweeper")
     assert cfg.dataset.source == "synthetic" and cfg.dataset.classes == "katakana48"
-    assert cfg.optimized_metric == "val/accuracy"
+    assert cfg.optimized_metric == "val/best_accuracy"
     assert cfg.hydra.sweeper.pruner._target_ == "hwexp.sweep.pruners.TopFractionPruner"
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         hyperband = ["hparams_search=katakana", "hydra/sweeper/pruner=hyperband"]

@@ -82,11 +82,15 @@ def test_params_and_tags(tracked_run) -> None:
 
 def test_per_epoch_and_test_metrics(tracked_run) -> None:
     client, run_id, metrics, _ = tracked_run
-    for key in ("loss", "val_loss", "val_accuracy", "learning_rate", "samples_per_second"):
+    per_epoch = ("train/loss", "train/accuracy", "val/loss", "val/accuracy")
+    for key in (*per_epoch, "train/learning_rate", "train/samples_per_second"):
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == [1, 2], key
     logged = client.get_run(run_id).data.metrics
-    for key in ("test/accuracy", "test/top5_accuracy", "test/macro_f1", "val/accuracy"):
+    assert not {"loss", "val_accuracy", "learning_rate"} & set(logged)  # one naming scheme
+    best = max(m.value for m in client.get_metric_history(run_id, "val/accuracy"))
+    assert logged["val/best_accuracy"] == pytest.approx(best)
+    for key in ("test/accuracy", "test/top5_accuracy", "test/macro_f1", "val/best_accuracy"):
         assert logged[key] == pytest.approx(metrics[key]), key
     assert "test/source/synthetic/accuracy" in logged
 
@@ -235,7 +239,11 @@ def test_pictures_label_characters_with_the_installed_japanese_font() -> None:
 
 
 def test_figures_render_without_errors() -> None:
-    history = {"loss": [1.0, 0.5], "val_loss": [1.1, 0.7], "learning_rate": [1e-3, 5e-4]}
+    history = {
+        "train/loss": [1.0, 0.5],
+        "val/loss": [1.1, 0.7],
+        "train/learning_rate": [1e-3, 5e-4],
+    }
     figure = reports.curves_figure(history)
     assert len(figure.axes) == 3 and figure.axes[2].get_yscale() == "log"
     assert len(reports.confusion_figure([("あ", "お", 3), ("い", "り", 1)]).axes[0].patches) == 2

@@ -16,6 +16,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # on others (AMD EPYC with AVX2 here) they train the default model 2x faster than the Eigen
 # kernels (scripts/bench_train.py: 105 -> 208 samples/s). Set the variable to 0 to opt out.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+# MLflow: no "Downloading artifacts" bars for a local store, no INFO lines (database set-up).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+# TensorFlow's absl start-up lines ignore TF_CPP_MIN_LOG_LEVEL: filter them (hwexp/quiet.py).
+from hwexp.quiet import quiet_tensorflow_import  # noqa: E402
+
+quiet_tensorflow_import()
 
 __version__ = "0.1.0"
 

@@ -6,12 +6,17 @@ Returns (to Hydra, for sweeps) the metric named by ``optimized_metric``.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig
 
 from hwexp import CONF_DIR
+from hwexp.contract import MODEL_DIR, MODEL_FILE, summary_metric_name
 from hwexp.errors import ConfigError, exit_on_error
+
+if TYPE_CHECKING:
+    from hwexp.tracking.writer import Tracker
 
 log = logging.getLogger("hwexp")
 
@@ -40,32 +45,56 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         return run_trial(splits, cfg)
     from hwexp.contract import default_tracking_uri
     from hwexp.tracking.runs import fail_orphaned_runs
-    from hwexp.tracking.writer import Tracker
+    from hwexp.tracking.writer import Tracker, run_name
     from hwexp.train import load_init_source, train_and_evaluate
 
     init = load_init_source(cfg)  # a bad trainer.init_from fails here, before a run is started
-    tracker = Tracker.from_config(cfg.tracking)
+    name = run_name(splits.class_set, cfg.model.name, cfg.trainer.seed)
+    tracker = Tracker.from_config(cfg.tracking, run_name=cfg.tracking.run_name or name)
     if tracker is None:
         return train_and_evaluate(splits, cfg, init=init)
     with tracker, tracker.heartbeat():
         fail_orphaned_runs(tracker.client, [tracker.experiment_id])
         metrics = train_and_evaluate(splits, cfg, tracker, init=init)
     uri = cfg.tracking.uri or default_tracking_uri(cfg.tracking.mlruns_dir)
-    print(_summary(splits.name, metrics, tracker.run_id, uri))
+    print(_summary(splits.name, metrics, tracker, uri))
     return metrics
 
 
-def _summary(dataset: str, metrics: dict[str, float], run_id: str, uri: str) -> str:
+# What a training run's summary points at: label -> artifact path (hwexp.tracking.writer).
+RESULT_FILES = {
+    "model": f"{MODEL_DIR}/{MODEL_FILE}",
+    "curves": "training/curves.png",
+    "confusion pairs": "evaluation/confusion_pairs.png",
+    "misclassified": "evaluation/misclassified.png",
+    "per class": "evaluation/per_class.csv",
+}
+
+
+def _summary(dataset: str, metrics: dict[str, float], tracker: Tracker, uri: str) -> str:
+    """The lines a training run ends with: its test figures, where its files are, and how to
+    see it in the MLflow UI (the runs table of its experiment)."""
+    from hwexp.tracking.writer import runs_page_url
+
+    width = max(map(len, RESULT_FILES))
+    run = tracker.client.get_run(tracker.run_id)
     lines = [
         "",
         f"dataset {dataset}: test accuracy {metrics.get('test/accuracy', float('nan')):.4f}, "
         f"top-5 {metrics.get('test/top5_accuracy', float('nan')):.4f}, "
         f"macro F1 {metrics.get('test/macro_f1', float('nan')):.4f}",
-        f"MLflow run {run_id} in {uri}",
+        f"MLflow run {tracker.run_id} ({run.info.run_name}) in {uri}",
+        *(
+            f"  {label:<{width}}  {tracker.artifact_location(path)}"
+            for label, path in RESULT_FILES.items()
+        ),
     ]
-    if uri.startswith("sqlite:"):
+    if uri.startswith(("http://", "https://")):
+        lines.append(f"see it at  {runs_page_url(tracker.experiment_id, uri)}")
+    else:
         lines.append(
-            f"open it with:  mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+            f"see it with  mlflow ui --backend-store-uri {uri}\n"
+            f"then open    {runs_page_url(tracker.experiment_id)}"
         )
     return "\n".join(lines)
 
@@ -80,11 +109,13 @@ def main(cfg: DictConfig) -> float:
     """
     with exit_on_error(reraise=cfg.get("sweep_trial") is not None):
         metrics = run_training(cfg)
-        name = cfg.optimized_metric
+        name = summary_metric_name(cfg.optimized_metric)  # val/accuracy: val/best_accuracy
         if name not in metrics:
             raise ConfigError(f"optimized_metric={name}: not among the metrics {sorted(metrics)}")
     return float(metrics[name])
 
 
 if __name__ == "__main__":
-    main()
+    from hwexp.cli import run_hydra_command
+
+    run_hydra_command(main)

@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from hwexp.contract import RENAMED_METRICS
 from hwexp.data.sources import SOURCES
 from hwexp.data.split import METHODS
 from hwexp.errors import ConfigError
@@ -149,15 +150,17 @@ WORKERS = Rule(
     "auto, or an integer >= 1 (0: auto)", lambda v: v == "auto" or (_is_int(v) and v >= 0)
 )
 METRICS = (
-    "val/accuracy", "val/loss", "val/top5_accuracy", "test/accuracy", "test/top5_accuracy",
-    "test/loss", "test/macro_f1", "test/balanced_accuracy", "test/class_accuracy_min",
-    "test/writer_accuracy_mean", "test/writer_accuracy_min", "test/writer_accuracy_p10",
-    "train/epochs", "train/seconds", "train/samples_per_second",
+    "val/best_accuracy", "val/best_loss", "val/best_top5_accuracy", "test/accuracy",
+    "test/top5_accuracy", "test/loss", "test/macro_f1", "test/balanced_accuracy",
+    "test/class_accuracy_min", "test/writer_accuracy_mean", "test/writer_accuracy_min",
+    "test/writer_accuracy_p10", "train/epochs", "train/seconds",
+    "train/steady_samples_per_second",
 )  # fmt: skip
 OPTIMIZED_METRIC = Rule(
     f"one of {' | '.join(METRICS)}, or test/source/<source>/accuracy",
     lambda v: (
         v in METRICS
+        or v in RENAMED_METRICS  # their former names still mean the same
         or (isinstance(v, str) and v.startswith("test/source/") and v.endswith("/accuracy"))
     ),
 )

@@ -39,6 +39,32 @@ WRITER_OVERLAP_TAG = "hwexp.writer_overlap"
 MODEL_NAME_TAG = "hwexp.model_name"  # on a training run and its model: model_name(...)
 CLASSES_DIGEST_TAG = "hwexp.classes_digest"  # on a registered version: classes_digest(...)
 
+# Metric names: one scheme, "<split>/<measure>". Per epoch (step = completed epochs), from the
+# Keras logs: train/loss, train/accuracy, train/top5_accuracy, train/learning_rate,
+# train/samples_per_second, val/loss, val/accuracy, val/top5_accuracy. Once, at the end: test/*
+# (the kept model on the test split), val/best_accuracy, val/best_loss, val/best_top5_accuracy
+# (at the best-accuracy epoch), train/epochs, train/seconds, train/steady_samples_per_second,
+# train/stopped_early. Keras callbacks and pruners keep Keras' own keys (val_accuracy, ...).
+RENAMED_METRICS = {  # end-of-run names before the per-epoch curves took them -> names now
+    "val/accuracy": "val/best_accuracy",
+    "val/loss": "val/best_loss",
+    "val/top5_accuracy": "val/best_top5_accuracy",
+    "train/samples_per_second": "train/steady_samples_per_second",
+}
+
+
+def epoch_metric_name(log_key: str) -> str:
+    """The tracked name of a Keras epoch log key: ``val_accuracy`` -> ``val/accuracy``,
+    ``loss`` -> ``train/loss``, ``learning_rate`` -> ``train/learning_rate``."""
+    return f"val/{log_key[4:]}" if log_key.startswith("val_") else f"train/{log_key}"
+
+
+def summary_metric_name(name: str) -> str:
+    """``name`` as an end-of-run metric is called now (``RENAMED_METRICS``; others unchanged),
+    for options written before the rename (``optimized_metric: val/accuracy``)."""
+    return RENAMED_METRICS.get(name, name)
+
+
 # Metadata keys of an exported model (ONNX metadata, Core ML user-defined metadata).
 RUN_ID_KEY = "hwexp.run_id"
 DATASET_KEY = "hwexp.dataset"  # the run's dataset config name

@@ -65,13 +65,18 @@ class InputError(HwexpError, ValueError):
         self.status = status
 
 
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as shells report a command ended by Ctrl+C
+
+
 @contextlib.contextmanager
 def exit_on_error(
     also: tuple[type[BaseException], ...] = (), reraise: bool = False
 ) -> Iterator[None]:
     """Print an ``HwexpError`` (or one of ``also``) as ``error: <message>`` on stderr and exit
     with status 1; with ``reraise`` (a sweep's trial, whose sweeper records the error) print it
-    and raise it again instead."""
+    and raise it again instead. Ctrl+C (``KeyboardInterrupt``) is one line, ``interrupted``
+    and what was done about it (the notes added on its way up, e.g. the MLflow run marked
+    KILLED), and exit status 130."""
     try:
         yield
     except (HwexpError, *also) as error:
@@ -79,6 +84,12 @@ def exit_on_error(
         if reraise:
             raise
         raise SystemExit(1) from None
+    except KeyboardInterrupt as interrupt:
+        if reraise:
+            raise
+        notes = "; ".join(getattr(interrupt, "__notes__", ()))
+        print(f"interrupted{': ' + notes if notes else ''}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_STATUS) from None
 
 
 def warn(message: str) -> None:

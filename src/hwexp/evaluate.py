@@ -334,4 +334,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    from hwexp.cli import run_hydra_command
+
+    run_hydra_command(main)

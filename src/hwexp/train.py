@@ -540,13 +540,15 @@ def train_and_evaluate(
 ) -> dict[str, float]:
     """Train ``cfg.model`` on ``splits`` and evaluate the result on the test split.
 
-    Returns flat metrics: ``test/*`` (see ``EvaluationReport.metrics``), ``val/accuracy``
-    (best epoch), ``val/loss`` (best epoch), ``val/top5_accuracy`` (at the best-accuracy
-    epoch), ``train/epochs``, ``train/seconds``, ``train/samples_per_second``,
-    ``train/stopped_early`` (0/1). With a ``tracker``, also logs config, tags, the training
-    data (dataset inputs), per-epoch metrics, these metrics, report files and, last (it tags
-    the run ``hwexp.has_model=true``), the inference model as the MLflow model ``model``, named
-    by ``hwexp.contract.model_name``. Raises ``ConfigError`` when no epoch was trained.
+    Returns flat metrics: ``test/*`` (see ``EvaluationReport.metrics``),
+    ``val/best_accuracy``, ``val/best_loss``, ``val/best_top5_accuracy`` (at the
+    best-accuracy epoch), ``train/epochs``, ``train/seconds``,
+    ``train/steady_samples_per_second``, ``train/stopped_early`` (0/1): the end-of-run names of
+    ``hwexp.contract``. With a ``tracker``, also logs config, tags, the training data (dataset
+    inputs), per-epoch metrics (``train/loss``, ``val/accuracy``, ...: ``epoch_metric_name``),
+    these metrics, report files and, last (it tags the run ``hwexp.has_model=true``), the
+    inference model as the MLflow model ``model``, named by ``hwexp.contract.model_name``.
+    Raises ``ConfigError`` when no epoch was trained.
     ``epoch_hook`` (see ``EpochHook``) may raise to abort, e.g. an Optuna pruner.
     ``init``: the run ``trainer.init_from`` names, if the caller loaded it already
     (``load_init_source``, e.g. before starting its MLflow run); else it is loaded here. A run
@@ -589,14 +591,14 @@ def _fit_metrics(result: FitResult) -> dict[str, float]:
     out = {
         "train/epochs": float(result.epochs_run),
         "train/seconds": result.train_seconds,
-        "train/samples_per_second": result.samples_per_second,
+        "train/steady_samples_per_second": result.samples_per_second,
         "train/stopped_early": float(result.stopped_early),
     }
     if history.get("val_accuracy"):
         best = int(np.nanargmax(history["val_accuracy"]))
-        out["val/accuracy"] = history["val_accuracy"][best]
+        out["val/best_accuracy"] = history["val_accuracy"][best]
         if "val_top5_accuracy" in history:
-            out["val/top5_accuracy"] = history["val_top5_accuracy"][best]
+            out["val/best_top5_accuracy"] = history["val_top5_accuracy"][best]
     if history.get("val_loss"):
-        out["val/loss"] = float(np.nanmin(history["val_loss"]))
+        out["val/best_loss"] = float(np.nanmin(history["val_loss"]))
     return {k: v for k, v in out.items() if math.isfinite(v)}

@@ -20,6 +20,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from hwexp import CONF_DIR
+from hwexp.cli import run_hydra_command
 from hwexp.errors import ConfigError, DataError, exit_on_error
 
 COMMANDS = ("prepare", "show", "stats", "verify", "download")
@@ -27,6 +28,22 @@ USAGE = (
     "usage: python -m hwexp.data {prepare|show|stats|verify} [hydra overrides...]\n"
     "       python -m hwexp.data download {kmnist|k49} [paths.data_dir=...]"
 )
+HELP = f"""{USAGE}
+(hwexp data ... is the same)
+
+commands:
+  prepare   decode, preprocess and cache a dataset: dataset=<name>, preprocess.size=64, workers=4
+  show      a PNG grid of samples per class: show.per_class=8, show.max_classes=48,
+            show.split=train|val|test, show.output=<file.png>
+  stats     counts per class, per writer and per split: split=writer|random|official
+  verify    checksum every cache entry; verify.remove=true deletes the damaged ones
+  download  fetch kmnist or k49 with md5 checks (resumable) into paths.data_dir
+
+options: Hydra overrides of conf/data.yaml, e.g. dataset=katakana dataset.source=synthetic
+  "dataset.classes='chars:あいう'" (non-ASCII: single quotes inside double ones)
+  paths.data_dir=<raw files> paths.cache_dir=<prepared arrays>
+every group and option: python -m hwexp.data prepare --help
+"""
 _command: list[str] = []
 
 
@@ -138,6 +155,9 @@ def _verify(cache_dir: Path, remove: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"], ["help"]):
+        print(HELP)
+        return 0
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return 2
@@ -149,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         command.append(argv.pop(0))
     _command[:] = command
     sys.argv = [sys.argv[0], *argv]
-    hydra.main(config_path=CONF_DIR, config_name="data", version_base="1.3")(_run)()
+    task = hydra.main(config_path=CONF_DIR, config_name="data", version_base="1.3")(_run)
+    run_hydra_command(task)
     return 0
 
 

@@ -31,6 +31,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -500,9 +501,10 @@ def _write_arrays(
     meta: dict[str, list[np.ndarray]] = {}
     skipped: list[str] = []
     position = 0
-    bar = tqdm(
-        total=total, desc=f"prepare {source}", unit="img", disable=not progress, file=sys.stderr
-    )
+    # A bar redrawn in place needs a terminal; in a log it would be a line per redraw.
+    live = progress and sys.stderr.isatty()
+    bar = tqdm(total=total, desc=f"prepare {source}", unit="img", disable=not live, file=sys.stderr)
+    started = time.monotonic()
     with bar, closing(_run_tasks(tasks, options, workers)) as chunks:
         for task, chunk in zip(tasks, chunks, strict=True):
             chunk_images, chunk_labels, chunk_writers, chunk_meta, chunk_skipped = chunk
@@ -517,6 +519,9 @@ def _write_arrays(
             skipped.extend(chunk_skipped)
             position += n
             bar.update(task.count)
+    if progress and not live:
+        seconds = time.monotonic() - started
+        print(f"prepare {source}: {total} images in {seconds:.1f} s", file=sys.stderr)
     images.flush()
     del images
     if skipped:

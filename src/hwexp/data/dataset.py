@@ -117,7 +117,7 @@ class PreparedSplits:
     image_size: int
     source_weights: dict[str, float]
     name: str
-    class_set: str = ""  # the class set's short name (class_set_of), e.g. hiragana75-first5
+    class_set: str = ""  # the class set's short name: hiragana75, hiragana75-first5, custom3, ...
     entries: dict[str, Path] = field(default_factory=dict)  # source -> its cache entry folder
 
     def samples_of(self, source: str) -> dict[str, int]:

@@ -88,8 +88,10 @@ def _stop_pool(pool: ProcessPoolExecutor, grace: float = 5.0) -> None:
 
 
 def _worker_started(parent: int) -> None:
-    """Pool initializer: the worker dies with ``parent`` and ends at once on SIGTERM."""
+    """Pool initializer: the worker dies with ``parent`` and ends at once on SIGTERM; Ctrl+C
+    (SIGINT to the whole process group) is left to the parent, which stops the pool."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, if forked
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # else each worker prints a traceback
     if sys.platform.startswith("linux"):
         with suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

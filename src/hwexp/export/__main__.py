@@ -20,4 +20,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from hwexp.cli import run_hydra_command
+
+    run_hydra_command(main)

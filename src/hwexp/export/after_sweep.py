@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hwexp import CONF_DIR
+from hwexp.contract import summary_metric_name
 from hwexp.export.run import ExportResult, export_run, summary
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def sweep_export_config(
         cfg.select.parent_run = parent_run_id
         cfg.select.experiment = None  # the parent's experiment
         if not metric_given and sweep_cfg.get("optimized_metric"):
-            cfg.select.metric = str(sweep_cfg.optimized_metric)
+            cfg.select.metric = summary_metric_name(str(sweep_cfg.optimized_metric))
     return cfg
 
 

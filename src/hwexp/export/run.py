@@ -6,11 +6,14 @@ it. A failed conversion or check leaves the previous export (if any) untouched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+import sys
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +45,7 @@ from hwexp.export.coreml import CORE_ML_LABEL, CORE_ML_PROBS
 from hwexp.export.formats import FORMATS
 from hwexp.export.verify import verify
 from hwexp.fsutil import make_temporary_dir
+from hwexp.quiet import Captured, captured_output, replay
 
 if TYPE_CHECKING:
     import keras
@@ -219,13 +223,15 @@ def export_run(cfg: DictConfig) -> ExportResult:
     formats = _requested_formats(cfg)
     client = client_for(cfg.tracking)
     select = cfg.select
-    trained = load_selected_model(
-        client, str(cfg.run), select.experiment, select.metric, select.parent_run
-    )
+    with _step(f"loading the model of run {cfg.run}"):
+        trained = load_selected_model(
+            client, str(cfg.run), select.experiment, select.metric, select.parent_run
+        )
     run_id = trained.run_id
     check_registry_name(cfg, client, trained)
     model = inference_model(trained.model)
-    splits = load_splits(run_data_config(cfg, trained.config), progress=False)
+    with _step("preparing the run's data"):
+        splits = load_splits(run_data_config(cfg, trained.config), progress=False)
     if tuple(splits.classes) != tuple(trained.classes):
         raise ExportError(
             f"run {run_id}: its {CLASSES_FILE} and its dataset config disagree on the classes "
@@ -238,12 +244,16 @@ def export_run(cfg: DictConfig) -> ExportResult:
     try:
         try:
             cv = _conversion(cfg, model, trained, splits.train, staging)
-            exported = [item for fmt in formats for item in _convert(fmt, cv)]
+            exported = []
+            for fmt in formats:
+                with _step(f"converting to {fmt}"):
+                    exported += _convert(fmt, cv)
         except (ConfigError, ExportError):
             raise
         except Exception as error:  # a converter's own failure, with its message
             raise ExportError(f"conversion failed: {type(error).__name__}: {error}") from error
-        keras_metrics = verify(cv, splits.test, exported)
+        with _step(f"checking {len(exported)} files against Keras on the test split"):
+            keras_metrics = verify(cv, splits.test, exported)
         failed = {e.variant: e.failed_checks for e in exported if e.failed_checks}
         metrics = {f"export/{k}": v for k, v in keras_metrics.items()}
         for item in exported:
@@ -279,7 +289,8 @@ def export_run(cfg: DictConfig) -> ExportResult:
     description = registry_description(
         model_card(cv, splits, metrics, exported, shown_classes=SHOWN_CLASSES)
     )
-    registered = _log_and_register(cfg, client, trained, final, metrics, files, description)
+    with _step("logging to the run and registering"):
+        registered = _log_and_register(cfg, client, trained, final, metrics, files, description)
     return ExportResult(run_id, final, files, metrics, report, registered)
 
 
@@ -370,6 +381,24 @@ def _conversion(
 ) -> Conversion:
     name, metadata, descriptions = _describe(cfg, trained, int(model.input_shape[1]))
     return Conversion(cfg, model, trained, train, staging, name, metadata, descriptions)
+
+
+@contextlib.contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Export's own progress on stderr: ``what …`` and, when the block is done, its seconds.
+    What converters print meanwhile (progress bars, notes; C++ included) is shown only if the
+    block fails; hwexp's own warnings always are."""
+    print(f"{what} …", end="", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    captured = Captured()
+    try:
+        with captured_output(keep_logger="hwexp") as captured:
+            yield
+    except BaseException:
+        print(" failed", file=sys.stderr, flush=True)
+        replay(captured)
+        raise
+    print(f" {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
 
 
 def _convert(fmt: str, cv: Conversion) -> list[Exported]:

@@ -136,12 +136,15 @@ def run_trial(splits: PreparedSplits, cfg: DictConfig) -> dict[str, float]:
     """
     import keras
 
+    from hwexp.tracking.writer import run_name
+
     keras.backend.clear_session()  # trials may share a process (basic launcher, joblib worker)
     ref = SweepTrial.from_config(cfg[TRIAL_BLOCK])
     storage, trial = ref.open()
     with Heartbeat(storage, trial_id(trial)):
         try:
-            tracker = _trial_run(ref, trial, cfg.tracking)
+            name = run_name(splits.class_set, cfg.model.name, cfg.trainer.seed, ref.number)
+            tracker = _trial_run(ref, trial, cfg.tracking, name)
             hook = PruningHook(trial, ref.monitor)
             with contextlib.ExitStack() as stack:
                 if tracker is not None:  # the run's own heartbeat: see hwexp.tracking.writer
@@ -177,9 +180,10 @@ def _train(
 
 
 def _trial_run(
-    ref: SweepTrial, trial: optuna.Trial, tracking_cfg: Mapping[str, Any]
+    ref: SweepTrial, trial: optuna.Trial, tracking_cfg: Mapping[str, Any], name: str
 ) -> Tracker | None:
-    """The trial's child run under the study's parent run, or None without tracking."""
+    """The trial's child run ``name`` under the study's parent run, or None without
+    tracking."""
     if ref.parent_run_id is None or not tracking_cfg.get("enabled", True):
         return None
     from hwexp.tracking.runs import open_run
@@ -190,6 +194,6 @@ def _trial_run(
         "hwexp.trial_params": json.dumps(trial.params, sort_keys=True),
     }
     parent = open_run(tracking_cfg, ref.parent_run_id)
-    tracker = parent.child(run_name=f"{ref.study_name}-trial-{ref.number}", tags=tags)
+    tracker = parent.child(run_name=name, tags=tags)
     trial.set_user_attr(MLFLOW_RUN_ATTR, tracker.run_id)
     return tracker

@@ -9,8 +9,9 @@ What a run holds once ``hwexp.train.train_and_evaluate`` is done with it:
   ``hwexp.model_name`` (``hwexp.contract.model_name``), ``hostname``,
   ``git_commit`` (and ``mlflow.source.git.commit``) when the code is in a git checkout,
   ``hwexp.init_from`` (the source run's id) when ``trainer.init_from`` is set;
-* per-epoch metrics under Keras' log names (``loss``, ``accuracy``, ``val_loss``,
-  ``learning_rate``, ...; step = completed epochs) and summary metrics (``test/accuracy``, ...);
+* metrics named ``<split>/<measure>`` (``hwexp.contract``): per epoch (step = completed
+  epochs) ``train/loss``, ``train/accuracy``, ``train/learning_rate``, ``val/loss``,
+  ``val/accuracy``, ...; at the end ``test/*``, ``val/best_accuracy``, ``train/epochs``, ...;
 * dataset inputs: one per prepared source (name = cache entry, digest = cache fingerprint,
   context ``training``, tags ``hwexp.class_set`` and ``hwexp.source``);
 * the MLflow model ``model`` (``runs:/<run id>/model``; an MLflow 3 logged model, linked to

@@ -141,11 +141,16 @@ def _add_tile(axis: Any, image: np.ndarray, y: float, x_offset_pt: float, size_p
 
 
 def curves_figure(history: Mapping[str, Sequence[float]]) -> Figure:
-    """Loss, accuracy (train/val, top-5) and learning rate against completed epochs."""
+    """Loss, accuracy (train/val, top-5) and learning rate against completed epochs, from
+    per-epoch metrics by their tracked names (``train/loss``, ``val/accuracy``, ...)."""
     panels = [
-        ("loss", ["loss", "val_loss"], False),
-        ("accuracy", ["accuracy", "val_accuracy", "top5_accuracy", "val_top5_accuracy"], False),
-        ("learning rate", ["learning_rate"], True),
+        ("loss", ["train/loss", "val/loss"], False),
+        (
+            "accuracy",
+            ["train/accuracy", "val/accuracy", "train/top5_accuracy", "val/top5_accuracy"],
+            False,
+        ),
+        ("learning rate", ["train/learning_rate"], True),
     ]
     figure = Figure(figsize=(13, 3.6), layout="constrained")
     for axis, (title, keys, log_scale) in zip(figure.subplots(1, 3), panels, strict=True):
@@ -153,7 +158,7 @@ def curves_figure(history: Mapping[str, Sequence[float]]) -> Figure:
             values = history.get(key)
             if values:
                 axis.plot(range(1, len(values) + 1), values, marker=".", label=key)
-        if log_scale and any(v > 0 for v in history.get("learning_rate", [])):
+        if log_scale and any(v > 0 for v in history.get("train/learning_rate", [])):
             axis.set_yscale("log")
         axis.set_title(title)
         axis.set_xlabel("epoch")

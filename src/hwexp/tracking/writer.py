@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
@@ -41,6 +43,7 @@ from hwexp.contract import (
     HAS_MODEL_TAG,
     MODEL_NAME_TAG,
     default_tracking_uri,
+    epoch_metric_name,
 )
 from hwexp.liveness import Heartbeat, process_identity
 from hwexp.tracking.reports import (
@@ -68,6 +71,9 @@ HEARTBEAT_INTERVAL_S = 30.0
 HEARTBEAT_STALE_S = 300.0  # a RUNNING run on another host without a beat this long is dead
 _INVALID_KEY_CHARS = re.compile(r"[^\w\-./ ]")  # MLflow also allows ":", but not on Windows
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
+# Config blocks not logged as params (config.yaml keeps them): where files are, a sweep trial's
+# bookkeeping, what to do after a sweep. They say nothing about what was trained.
+NOT_PARAMS = ("paths", "sweep_trial", "export")
 
 
 def flatten_config(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
@@ -85,10 +91,23 @@ def flatten_config(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dic
     return flat
 
 
+def run_name(class_set: str, model: str, seed: int, trial: int | None = None) -> str:
+    """What a training run is, as its MLflow name: ``hiragana75 vgg_bn s42`` (class set, model,
+    seed), ``... trial 3`` for a sweep's trial."""
+    name = f"{class_set} {model} s{seed}"
+    return name if trial is None else f"{name} trial {trial}"
+
+
 def mlflow_key(key: str) -> str:
     """``key`` made acceptable to MLflow as a metric/param name: characters other than
     letters, digits, ``_ - . /`` and space become ``_``; at most 250 characters."""
     return _INVALID_KEY_CHARS.sub("_", key)[:MAX_ENTITY_KEY_LENGTH]
+
+
+def runs_page_url(experiment_id: str, server: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page listing an experiment's training runs (not the GenAI traces view
+    that MLflow 3 opens by default)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -207,6 +226,14 @@ class Tracker:
     def artifact_uri(self) -> str:
         return self.client.get_run(self.run_id).info.artifact_uri
 
+    def artifact_location(self, artifact_path: str) -> str:
+        """Where the run's ``artifact_path`` is: a local path for a local artifact store, else
+        its URI."""
+        uri = f"{self.artifact_uri.rstrip('/')}/{artifact_path}"
+        if uri.startswith("file:"):
+            return url2pathname(urlparse(uri).path)
+        return uri
+
     # ----------------------------------------------------------------- life cycle
 
     def end(self, status: str = "FINISHED") -> None:
@@ -226,8 +253,13 @@ class Tracker:
     ) -> None:
         if exc_type is None:
             self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            already = self._ended
+            self.end("KILLED")
+            if exc is not None and not already:
+                exc.add_note(f"MLflow run {self.run_id} marked KILLED")
         else:
-            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+            self.end("FAILED")
 
     def heartbeat(self, interval_s: float = HEARTBEAT_INTERVAL_S) -> Heartbeat:
         """A context manager that marks this run as trained by this process: tags
@@ -270,9 +302,11 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=chunk)
 
     def log_config(self, cfg: Mapping[str, Any] | DictConfig) -> None:
-        """The resolved config as params (flattened) and as ``config.yaml``."""
+        """The resolved config as ``config.yaml``, and as params (flattened) but for the blocks
+        that say where, not what (``NOT_PARAMS``: ``paths``, ...)."""
         config = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
-        self.log_params(flatten_config(config))
+        resolved = OmegaConf.to_container(config, resolve=True)
+        self.log_params(flatten_config({k: v for k, v in resolved.items() if k not in NOT_PARAMS}))
         self.log_text(OmegaConf.to_yaml(config, resolve=True), CONFIG_FILE)
 
     # ----------------------------------------------------------------- files
@@ -350,7 +384,9 @@ class Tracker:
         self.client.log_image(self.run_id, grid, "evaluation/misclassified.png")
 
     def log_history(self, history: Mapping[str, Sequence[float]]) -> None:
-        """Per-epoch Keras logs as ``training/history.csv`` and ``training/curves.png``."""
+        """Per-epoch Keras logs as ``training/history.csv`` and ``training/curves.png``, under
+        their tracked names (``epoch_metric_name``: ``train/loss``, ``val/accuracy``, ...)."""
+        history = {epoch_metric_name(key): values for key, values in history.items()}
         epochs = max((len(v) for v in history.values()), default=0)
         keys = sorted(history)
         rows = [
@@ -361,14 +397,16 @@ class Tracker:
         self.log_figure(curves_figure(history), "training/curves.png")
 
     def keras_callback(self) -> keras.callbacks.Callback:
-        """A Keras callback logging each epoch's logs (Keras names, step = completed epochs)."""
+        """A Keras callback logging each epoch's logs under their tracked names
+        (``epoch_metric_name``: ``train/loss``, ``val/accuracy``, ...), step = completed epochs."""
         import keras
 
         tracker = self
 
         class EpochMetrics(keras.callbacks.Callback):
             def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-                tracker.log_metrics(logs or {}, step=epoch + 1)
+                named = {epoch_metric_name(key): value for key, value in (logs or {}).items()}
+                tracker.log_metrics(named, step=epoch + 1)
 
         return EpochMetrics()
 
