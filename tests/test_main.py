@@ -107,7 +107,7 @@ def test_debug_run_prints_no_start_up_noise_and_ends_with_where_its_results_are(
     labels = "model|curves|confusion pairs|misclassified"
     located = dict(re.findall(rf"^  ({labels}) +(/\S+)$", result.stdout, re.M))
     assert sorted(located) == ["confusion pairs", "curves", "misclassified", "model"]
-    assert located["model"].endswith("model/model.keras")
+    assert located["model"].endswith("/model.keras")
     for path in located.values():
         assert Path(path).is_file() and Path(path).is_relative_to(root / "mlruns"), path
 

@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from hwexp import CONF_DIR
-from hwexp.contract import MODEL_DIR, MODEL_FILE, summary_metric_name
+from hwexp.contract import summary_metric_name, trained_model_files
 from hwexp.errors import ConfigError, exit_on_error
 
 if TYPE_CHECKING:
@@ -63,7 +63,6 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
 
 # What a training run's summary points at: label -> artifact path (hwexp.tracking.writer).
 RESULT_FILES = {
-    "model": f"{MODEL_DIR}/{MODEL_FILE}",
     "curves": "training/curves.png",
     "confusion pairs": "evaluation/confusion_pairs.png",
     "misclassified": "evaluation/misclassified.png",
@@ -74,10 +73,16 @@ RESULT_FILES = {
 def _summary(dataset: str, metrics: dict[str, float], tracker: Tracker, uri: str) -> str:
     """The lines a training run ends with: its test figures, where its files are, and how to
     see it in the MLflow UI (the runs table of its experiment)."""
-    from hwexp.tracking.writer import runs_page_url
+    from hwexp.tracking.runs import trained_model_uri
+    from hwexp.tracking.writer import local_path_of, runs_page_url
 
-    width = max(map(len, RESULT_FILES))
     run = tracker.client.get_run(tracker.run_id)
+    model_dir = local_path_of(trained_model_uri(tracker.client, run))
+    located = {
+        "model": str(trained_model_files(model_dir)[0]),
+        **{label: tracker.artifact_location(path) for label, path in RESULT_FILES.items()},
+    }
+    width = max(map(len, located))
     lines = [
         "",
         f"dataset {dataset}: test accuracy {metrics.get('test/accuracy', float('nan')):.4f}, "
@@ -85,8 +90,7 @@ def _summary(dataset: str, metrics: dict[str, float], tracker: Tracker, uri: str
         f"macro F1 {metrics.get('test/macro_f1', float('nan')):.4f}",
         f"MLflow run {tracker.run_id} ({run.info.run_name}) in {uri}",
         *(
-            f"  {label:<{width}}  {tracker.artifact_location(path)}"
-            for label, path in RESULT_FILES.items()
+            f"  {label:<{width}}  {path}" for label, path in located.items()
         ),
     ]
     if uri.startswith(("http://", "https://")):

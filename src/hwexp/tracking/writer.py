@@ -147,6 +147,13 @@ def provenance_tags() -> dict[str, str]:
 # --------------------------------------------------------------------------- tracker
 
 
+def local_path_of(uri: str) -> str:
+    """The local path of a ``file:`` URI; any other URI (or a plain path) unchanged."""
+    if uri.startswith("file:"):
+        return url2pathname(urlparse(uri).path)
+    return uri
+
+
 class Tracker:
     """One MLflow run. Create with ``Tracker.start`` / ``from_config`` / ``child``; use as a
     context manager (ends FINISHED, or FAILED when an exception escapes, KILLED on Ctrl-C).
@@ -229,10 +236,7 @@ class Tracker:
     def artifact_location(self, artifact_path: str) -> str:
         """Where the run's ``artifact_path`` is: a local path for a local artifact store, else
         its URI."""
-        uri = f"{self.artifact_uri.rstrip('/')}/{artifact_path}"
-        if uri.startswith("file:"):
-            return url2pathname(urlparse(uri).path)
-        return uri
+        return local_path_of(f"{self.artifact_uri.rstrip('/')}/{artifact_path}")
 
     # ----------------------------------------------------------------- life cycle
 
