@@ -7,6 +7,7 @@ field by field; images hold a drawn character-like shape whose grey levels are k
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,10 +82,11 @@ def etl1c_bytes(records: list[FakeRecord]) -> bytes:
     return out
 
 
-def etl_g_bytes(records: list[FakeRecord], fmt: str) -> bytes:
-    out = b""
-    for i, r in enumerate(records):
-        out += struct.pack(
+def etl_g_bytes(records: Iterable[FakeRecord], fmt: str) -> bytes:
+    """ETL8G/ETL9G records (``fmt``), the i-th with header fields derived from ``i``; any
+    iterable, so a full-size file (12,144 records) can be built without holding its images."""
+    return b"".join(
+        struct.pack(
             fmt,
             r.sheet,
             char_to_jis0208(r.char),
@@ -102,7 +104,8 @@ def etl_g_bytes(records: list[FakeRecord], fmt: str) -> bytes:
             4 + i % 13,  # sample position y
             pack_4bit(r.image),
         )
-    return out
+        for i, r in enumerate(records)
+    )
 
 
 def etl_b_bytes(records: list[FakeRecord], fmt: str) -> bytes:
