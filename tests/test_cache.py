@@ -196,6 +196,45 @@ def test_stale_temp_folder_is_removed_only_once_its_builder_is_gone(tmp_path):
     assert not stale.exists()
 
 
+def _wordy_chunk(first: int, n: int) -> RawChunk:
+    """``_tiny_chunk`` with long writer ids and a long meta field (4 kB a sample), the width
+    of both depending on the chunk, so the columns outweigh the images."""
+    chunk = _tiny_chunk(first, n)
+    width = 1000 - first % 7
+    chunk.writers = np.array([f"{first + i:06d}".ljust(width, "w") for i in range(n)])
+    chunk.meta["note"] = np.array([f"{first + i}".ljust(width + 3, "n") for i in range(n)])
+    return chunk
+
+
+def test_a_build_holds_one_chunk_of_columns_in_memory_not_all(tmp_path):
+    """Labels, writers and meta go to disk chunk by chunk (spilled, then joined), as images
+    do: the builder's memory does not grow with the number of samples."""
+    import tracemalloc
+
+    chunks, per_chunk = 24, 150
+    tasks = [
+        ChunkTask(functools.partial(_wordy_chunk, c * per_chunk, per_chunk), per_chunk, f"c{c}")
+        for c in range(chunks)
+    ]
+    columns_bytes = chunks * per_chunk * 2 * 4 * 1000  # writers + note, UTF-32, ~1000 wide
+    tracemalloc.start()
+    try:
+        source = cache.load_or_prepare(
+            tmp_path, "wordy", "ai", {"w": 1}, lambda: tasks, OPTIONS, workers=1, progress=False
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < columns_bytes / 4, f"peak {peak / 1e6:.1f} MB, columns {columns_bytes / 1e6} MB"
+    expected = [_wordy_chunk(c * per_chunk, per_chunk) for c in range(chunks)]
+    assert source.writers.tolist() == [w for e in expected for w in e.writers.tolist()]
+    assert source.writers.dtype == np.dtype("<U1000")  # the widest chunk's
+    assert source.meta["note"].tolist() == [x for e in expected for x in e.meta["note"].tolist()]
+    assert source.meta["n"].tolist() == list(range(chunks * per_chunk))
+    assert source.labels.tolist() == [x for e in expected for x in e.labels.tolist()]
+    assert not list(source.path.glob(".*"))  # no spill file left in the entry
+
+
 def test_a_failing_worker_pool_is_stopped_and_leaves_nothing(tmp_path):
     tasks = [ChunkTask(_broken, 3, "broken"), *_tasks(3)]
     with pytest.raises(RuntimeError, match="disk on fire"):

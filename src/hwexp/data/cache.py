@@ -1,9 +1,11 @@
 """Prepared arrays, computed once per (source files, class set, preprocessing) and reused.
 
 An entry is a directory ``<cache_dir>/<source>-<classes>-<size>px-<fingerprint>/`` holding
-uncompressed ``.npy`` files (``images.npy`` is memory-mapped when read, so ETL9G at 64x64,
-about 2.5 GB, never has to fit in memory twice) and ``entry.json`` describing it, with the
-shape, size, modification time and SHA-256 of every file.
+uncompressed ``.npy`` files (memory-mapped when read, so ETL9G at 64x64, about 2.5 GB, never
+has to fit in memory twice) and ``entry.json`` describing it, with the shape, size,
+modification time and SHA-256 of every file. Building one needs a chunk's worth of memory,
+whatever the number of samples: images are written into a memory-mapped ``images.npy``, the
+per-sample columns (labels, writers, meta) spilled to disk chunk by chunk.
 
 Building: an entry is written in a hidden sibling ``.<entry>.<random>/``, synced to disk and
 renamed into place in one step, by a process that holds the entry's lock file throughout; so
@@ -60,10 +62,11 @@ _HASH_BLOCK = 1 << 20
 
 @dataclass
 class PreparedSource:
-    """The prepared samples of one source: images ``(n, size, size)`` uint8, ink high."""
+    """The prepared samples of one source: images ``(n, size, size)`` uint8, ink high. Every
+    array is a read-only memory map of the entry's files."""
 
     name: str
-    images: np.ndarray  # read-only memory map
+    images: np.ndarray
     labels: np.ndarray  # (n,) str characters
     writers: np.ndarray  # (n,) str
     meta: dict[str, np.ndarray]
@@ -368,13 +371,18 @@ def _rehash(path: Path, state: _State) -> _State:
 
 
 def _open(path: Path, info: dict) -> PreparedSource:
+    """Every array memory-mapped, read only: opening costs no memory, whatever the count."""
+
+    def load(name: str) -> np.ndarray:
+        return np.load(path / name, mmap_mode="r")
+
     try:
-        meta = {name: np.load(path / f"meta_{name}.npy") for name in info["meta_fields"]}
+        meta = {name: load(f"meta_{name}.npy") for name in info["meta_fields"]}
         return PreparedSource(
             name=info["source"],
-            images=np.load(path / "images.npy", mmap_mode="r"),
-            labels=np.load(path / "labels.npy"),
-            writers=np.load(path / "writers.npy"),
+            images=load("images.npy"),
+            labels=load("labels.npy"),
+            writers=load("writers.npy"),
             meta=meta,
             path=path,
         )
@@ -491,14 +499,17 @@ def _write_arrays(
     workers: int,
     progress: bool,
 ) -> tuple[int, list[str], list[str]]:
-    """Prepare every task into ``folder``'s .npy files; (samples, meta fields, skipped)."""
+    """Prepare every task into ``folder``'s .npy files; (samples, meta fields, skipped).
+
+    Memory stays one chunk's worth whatever the number of samples: images go straight into
+    the memory-mapped ``images.npy``, and the per-sample columns (labels, writers, meta) are
+    appended to spill files, joined into their ``.npy`` files at the end.
+    """
     total = sum(task.count for task in tasks)
     images = np.lib.format.open_memmap(
         folder / "images.npy", mode="w+", dtype=np.uint8, shape=(total, options.size, options.size)
     )
-    labels: list[np.ndarray] = []
-    writers: list[np.ndarray] = []
-    meta: dict[str, list[np.ndarray]] = {}
+    columns = _ColumnSpill(folder)
     skipped: list[str] = []
     position = 0
     # A bar redrawn in place needs a terminal; in a log it would be a line per redraw.
@@ -512,10 +523,14 @@ def _write_arrays(
             if n > task.count or (task.exact and n != task.count):
                 raise DataError(f"{task.description}: expected {task.count} samples, read {n}")
             images[position : position + n] = chunk_images
-            labels.append(chunk_labels)
-            writers.append(chunk_writers)
-            for name, values in chunk_meta.items():
-                meta.setdefault(name, []).append(values)
+            columns.append(
+                {
+                    "labels": chunk_labels,
+                    "writers": chunk_writers,
+                    **{f"meta_{name}": values for name, values in chunk_meta.items()},
+                },
+                task.description,
+            )
             skipped.extend(chunk_skipped)
             position += n
             bar.update(task.count)
@@ -536,11 +551,55 @@ def _write_arrays(
         raise DataError(f"source {source!r}: no usable sample is left (e.g. {skipped[0]})")
     if position < total:
         _keep_rows(folder / "images.npy", position)
-    np.save(folder / "labels.npy", np.concatenate(labels))
-    np.save(folder / "writers.npy", np.concatenate(writers))
-    for name, parts in meta.items():
-        np.save(folder / f"meta_{name}.npy", np.concatenate(parts))
-    return position, sorted(meta), skipped
+    meta_fields = sorted(n.removeprefix("meta_") for n in columns.join() if n.startswith("meta_"))
+    return position, meta_fields, skipped
+
+
+class _ColumnSpill:
+    """Per-sample columns of a build, chunk after chunk: each column's raw bytes are appended
+    to a hidden spill file in the build folder and joined into ``<column>.npy`` (of the
+    columns' common type, e.g. the widest string) by :meth:`join`, one chunk in memory at a
+    time. Every chunk must have the same columns."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.parts: dict[str, list[tuple[np.dtype, int]]] = {}  # column -> (dtype, n) a chunk
+
+    def _spill(self, name: str) -> Path:
+        return self.folder / f".{name}.spill"
+
+    def append(self, columns: dict[str, np.ndarray], description: str) -> None:
+        if self.parts and set(columns) != set(self.parts):
+            raise DataError(
+                f"{description}: its samples have the fields {sorted(columns)}, the chunks "
+                f"before it {sorted(self.parts)}"
+            )
+        for name, values in columns.items():
+            values = np.ascontiguousarray(values)
+            if values.dtype.hasobject:
+                raise DataError(f"{description}: field {name!r} holds Python objects")
+            with open(self._spill(name), "ab") as handle:
+                handle.write(values.data)
+            self.parts.setdefault(name, []).append((values.dtype, len(values)))
+
+    def join(self) -> list[str]:
+        """Write every column's ``.npy`` file and remove its spill; returns the column names."""
+        for name, parts in self.parts.items():
+            dtype = np.result_type(*(part_dtype for part_dtype, _ in parts))
+            total = sum(n for _, n in parts)
+            out = np.lib.format.open_memmap(
+                self.folder / f"{name}.npy", mode="w+", dtype=dtype, shape=(total,)
+            )
+            position = 0
+            with open(self._spill(name), "rb") as handle:
+                for part_dtype, n in parts:
+                    if n:  # (an empty chunk's strings may be 0 bytes wide: nothing to read)
+                        out[position : position + n] = np.fromfile(handle, part_dtype, n)
+                    position += n
+            out.flush()
+            del out
+            self._spill(name).unlink()
+        return list(self.parts)
 
 
 def _keep_rows(path: Path, rows: int, block: int = 4096) -> None:
