@@ -4,6 +4,8 @@ from __future__ import annotations  # noqa: I001 (_train_helpers must precede ke
 
 from _train_helpers import CLASSES, glyph_split, glyph_splits, tiny_config
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -71,6 +73,26 @@ def test_training_drops_the_last_partial_batch_but_evaluation_keeps_order() -> N
     evaluation = evaluation_batches(split, batch_size=10)
     assert evaluation.steps_per_epoch == 3
     assert epoch_labels(evaluation.dataset, 3) == list(range(25))
+
+
+def test_shuffling_holds_no_buffer_the_size_of_the_split() -> None:
+    """An epoch's order is computed index by index: the first batch of a million-sample split
+    costs no more memory than a small split's (a shuffle buffer of every index took ~160 MB)."""
+
+    def first_batch_growth(n: int) -> int:
+        split = SplitArrays(
+            images=np.broadcast_to(np.zeros((1, 4, 4), np.uint8), (n, 4, 4)),  # no memory
+            labels=np.zeros(n, np.int32),
+            writers=np.full(n, "w"),
+            sources=np.full(n, "s"),
+        )
+        status = Path("/proc/self/status")
+        before = int(status.read_text().split("RssAnon:")[1].split()[0]) * 1024
+        next(iter(training_batches(split, batch_size=32, seed=0).dataset))
+        return int(status.read_text().split("RssAnon:")[1].split()[0]) * 1024 - before
+
+    first_batch_growth(1000)  # TensorFlow's own first-use allocations
+    assert first_batch_growth(1_000_000) < 20e6
 
 
 def test_weighted_sampling_draws_sources_in_proportion() -> None:

@@ -2,7 +2,9 @@
 
 Images stay where they are (a possibly read-only ``np.memmap`` of several GB): the datasets
 carry sample *indices*, and each batch is gathered from the arrays by a numpy call, so only
-one batch at a time is copied into memory. Batches are ``(images, labels)`` with images
+one batch at a time is copied into memory. Shuffled orders are computed index by index
+(``tf.random.experimental.index_shuffle``), never held in a shuffle buffer, so the pipeline's
+memory does not grow with the number of samples. Batches are ``(images, labels)`` with images
 ``(b, S, S, 1)`` uint8 (the model rescales) and labels ``(b,)`` int32.
 """
 
@@ -20,6 +22,9 @@ if TYPE_CHECKING:
     from hwexp.data.dataset import SplitArrays
 
 log = logging.getLogger(__name__)
+
+
+_SHUFFLE_CHUNK = 1024  # positions shuffled at once when drawing one sample at a time
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,8 @@ def _gather_fn(split: SplitArrays) -> Callable[[np.ndarray], tuple[np.ndarray, n
     return gather
 
 
-def _batches_of(
-    indices: tf.data.Dataset, split: SplitArrays, batch_size: int, drop_remainder: bool
-) -> tf.data.Dataset:
-    """Batch an index dataset and gather each batch from ``split``; prefetch."""
+def _loaded(batched_indices: tf.data.Dataset, split: SplitArrays) -> tf.data.Dataset:
+    """Gather each batch of indices from ``split``; prefetch."""
     size = split.images.shape[1]
     gather = _gather_fn(split)
 
@@ -59,15 +62,41 @@ def _batches_of(
         labels.set_shape((None,))
         return images, labels
 
-    return (
-        indices.batch(batch_size, drop_remainder=drop_remainder)
-        .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    return batched_indices.map(
+        load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    ).prefetch(tf.data.AUTOTUNE)
 
 
-def _index_dataset(indices: np.ndarray) -> tf.data.Dataset:
-    return tf.data.Dataset.from_tensor_slices(indices.astype(np.int64))
+def _batches_of(
+    indices: tf.data.Dataset, split: SplitArrays, batch_size: int, drop_remainder: bool
+) -> tf.data.Dataset:
+    """Batch an index dataset and gather each batch from ``split``; prefetch."""
+    return _loaded(indices.batch(batch_size, drop_remainder=drop_remainder), split)
+
+
+def permuted_positions(
+    n: int, seed: int, chunk: int, passes: int | None = 1, drop_remainder: bool = True
+) -> tf.data.Dataset:
+    """``0..n-1`` in a pseudo-random order, in batches of ``chunk`` (the last partial one
+    dropped unless ``drop_remainder`` is False), for ``passes`` passes (None: forever).
+
+    Every pass has its own order, and iterating the dataset again draws new ones; all of it
+    follows from ``seed``. Each position is computed on its own (``index_shuffle``), so memory
+    does not grow with ``n`` (a shuffle buffer of ``n`` indices took ~200 bytes a sample).
+    """
+    pass_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    if passes is not None:
+        pass_seeds = pass_seeds.take(passes)
+
+    def one_pass(pass_seed: tf.Tensor) -> tf.data.Dataset:
+        key = tf.stack([pass_seed, tf.constant(seed, tf.int64)])
+        return (
+            tf.data.Dataset.range(n)
+            .batch(chunk, drop_remainder=drop_remainder)
+            .map(lambda positions: tf.random.experimental.index_shuffle(positions, key, n - 1))
+        )
+
+    return pass_seeds.flat_map(one_pass)
 
 
 def sampling_weights(split: SplitArrays, source_weights: Mapping[str, float]) -> dict[str, float]:
@@ -110,18 +139,22 @@ def training_batches(
     if len(weights) > 1:
         per_source = []
         for offset, source in enumerate(weights, start=1):
-            members = np.flatnonzero(split.sources == source)
+            members = tf.constant(np.flatnonzero(split.sources == source), tf.int64)
+            positions = permuted_positions(
+                len(members), seed + offset, _SHUFFLE_CHUNK, passes=None, drop_remainder=False
+            )
             per_source.append(
-                _index_dataset(members)
-                .shuffle(len(members), seed=seed + offset, reshuffle_each_iteration=True)
-                .repeat()
+                positions.unbatch().map(
+                    lambda position, members=members: tf.gather(members, position)
+                )
             )
         mixed = tf.data.Dataset.sample_from_datasets(
             per_source, weights=list(weights.values()), seed=seed
         )
         return Batches(_batches_of(mixed, split, batch_size, drop_remainder=True), steps, True)
-    indices = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    return Batches(_batches_of(indices, split, batch_size, drop_remainder), steps, False)
+    # (a split smaller than one batch: one batch of all of it)
+    batches = _loaded(permuted_positions(n, seed, min(batch_size, n)), split)
+    return Batches(batches, steps, False)
 
 
 def evaluation_batches(split: SplitArrays, batch_size: int) -> Batches:
