@@ -169,6 +169,10 @@ BAD_OPTIONS = {  # override -> the one error line's start
         "limit_classes, name, path, source, weights, writer_from_name"
     ),
     "trainer.epochs=0": "trainer.epochs=0: an integer >= 1",
+    "trainer.strategy=foo": "trainer.strategy=foo: one of mirrored, or null",
+    "trainer.cpu_replicas=-1": "trainer.cpu_replicas=-1: an integer >= 0",
+    "trainer.cpu_replicas=2": "trainer.cpu_replicas=2: needs trainer.strategy=mirrored",
+    "trainer.strategy=mirrored": None,  # valid
     "synthetic.canvas_size=8": "synthetic.canvas_size=8: choose between 16 and 1024",
     "preprocess.size=abc": "preprocess.size=abc: an integer",
     "dataset.source=foo": "dataset.source=foo: one of etl1c",

@@ -1,6 +1,7 @@
 """The main command end to end: a debug run's MLflow record, its output, `mlflow ui` showing
 it (in headless Chromium), and Ctrl+C."""
 
+import math
 import os
 import re
 import signal
@@ -110,6 +111,41 @@ def test_debug_run_prints_no_start_up_noise_and_ends_with_where_its_results_are(
     assert located["model"].endswith("/model.keras")
     for path in located.values():
         assert Path(path).is_file() and Path(path).is_relative_to(root / "mlruns"), path
+
+
+def test_a_mirrored_run_trains_on_two_cpu_replicas_with_the_same_metrics(debug_run, tmp_path):
+    """trainer.strategy=mirrored over the CPU split in two: 2 replicas in sync, a global batch
+    of 2 x batch_size, and the single-device run's epochs and metrics, all sane."""
+    result = run_module(
+        tmp_path,
+        "hwexp",
+        "debug=default",
+        "trainer.verbose=0",
+        "trainer.strategy=mirrored",
+        "trainer.cpu_replicas=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("hwexp-debug").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["hwexp.has_model"] == "true"
+    params = run.data.params
+    assert params["trainer.strategy"] == "mirrored" and params["trainer.replicas"] == "2"
+    assert params["trainer.global_batch_size"] == str(2 * int(params["trainer.batch_size"]))
+    _, single_uri, _ = debug_run
+    single_client = MlflowClient(single_uri)
+    (single,) = single_client.search_runs(
+        [single_client.get_experiment_by_name("hwexp-debug").experiment_id]
+    )
+    assert single.data.params["trainer.replicas"] == "1"
+    assert set(run.data.metrics) == set(single.data.metrics)
+    metrics = run.data.metrics
+    assert metrics["train/epochs"] == single.data.metrics["train/epochs"] == 2
+    for key in ("test/accuracy", "test/top5_accuracy", "val/best_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    for key in ("train/loss", "val/loss", "train/accuracy"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+        assert all(math.isfinite(m.value) for m in history), key
 
 
 def free_port() -> int:

@@ -95,6 +95,33 @@ def test_shuffling_holds_no_buffer_the_size_of_the_split() -> None:
     assert first_batch_growth(1_000_000) < 20e6
 
 
+def test_batches_for_several_replicas_split_into_equal_non_empty_parts() -> None:
+    """A mirrored run's global batches: a training split smaller than one batch is cut to a
+    multiple of the replicas, and evaluation leaves out the last len % replicas samples."""
+    split = numbered_split(45)
+    train = training_batches(split, batch_size=64, seed=0, replicas=2)
+    assert (train.batch_size, train.steps_per_epoch) == (44, 1)
+    assert [len(labels) for _, labels in train.dataset.as_numpy_iterator()] == [44]
+    assert training_batches(split, batch_size=64, seed=0).batch_size == 45  # one device: all
+    evaluation = evaluation_batches(split, batch_size=16, replicas=2)
+    assert evaluation.steps_per_epoch == 3
+    assert epoch_labels(evaluation.dataset, 3) == list(range(44))
+    assert epoch_labels(evaluation_batches(split, batch_size=16).dataset, 3) == list(range(45))
+    with pytest.raises(ValueError, match="fewer than 3 replicas"):
+        training_batches(numbered_split(2), batch_size=64, seed=0, replicas=3)
+
+
+def test_the_cpu_cannot_be_split_once_tensorflow_runs() -> None:
+    import tensorflow as tf
+
+    from hwexp.errors import ConfigError
+    from hwexp.train import split_cpu
+
+    tf.constant(1.0) + 1.0  # TensorFlow's devices are set up now
+    with pytest.raises(ConfigError, match=r"^trainer\.cpu_replicas=3: .*fresh process"):
+        split_cpu(3)
+
+
 def test_weighted_sampling_draws_sources_in_proportion() -> None:
     split = numbered_split(200, sources=("etl8g", "synthetic"))
     assert sampling_weights(split, {"etl8g": 3.0, "synthetic": 1.0, "absent": 5.0}) == {

@@ -46,8 +46,9 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     from hwexp.contract import default_tracking_uri
     from hwexp.tracking.runs import fail_orphaned_runs
     from hwexp.tracking.writer import Tracker, run_name
-    from hwexp.train import load_init_source, train_and_evaluate
+    from hwexp.train import load_init_source, prepare_devices, train_and_evaluate
 
+    prepare_devices(cfg.trainer)  # before a model is loaded: that starts TensorFlow's runtime
     init = load_init_source(cfg)  # a bad trainer.init_from fails here, before a run is started
     name = run_name(splits.class_set, cfg.model.name, cfg.trainer.seed)
     tracker = Tracker.from_config(cfg.tracking, run_name=cfg.tracking.run_name or name)

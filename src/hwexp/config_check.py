@@ -29,6 +29,7 @@ from hwexp.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
+STRATEGIES = ("mirrored",)  # tf.distribute strategies of trainer.strategy (null: none)
 HEADS = ("flatten", "gap")
 # Keras activations that act element-wise (softmax and the like would not make a hidden layer).
 ACTIVATIONS = (
@@ -239,6 +240,8 @@ OPTIONS: dict[str, Rule] = {
     "trainer.warmup_epochs": integer(0),
     "trainer.mixed_precision": FLAG,
     "trainer.jit_compile": FLAG,
+    "trainer.strategy": optional(choice(*STRATEGIES)),
+    "trainer.cpu_replicas": integer(0),
     "trainer.verbose": choice(0, 1, 2),
     "trainer.seed": integer(0),
     "trainer.init_from": ANY,  # a run id or best: checked when it is loaded
@@ -332,8 +335,24 @@ def config_problems(cfg: Mapping[str, Any] | DictConfig) -> list[str]:
         elif rule is not None and not _is_reference(original) and not rule.accepts(value):
             problems.append(_line(path, value, rule.allowed))
     if not problems:  # the option classes' own checks need values of the right types
-        problems = _class_problems(resolved)
+        problems = _class_problems(resolved) + _combination_problems(resolved)
     return problems
+
+
+def _combination_problems(resolved: Mapping[str, Any]) -> list[str]:
+    """Options that are valid alone but not together."""
+    trainer = resolved.get("trainer")
+    if not isinstance(trainer, Mapping):
+        return []
+    if trainer.get("cpu_replicas") and trainer.get("strategy") is None:
+        return [
+            _line(
+                "trainer.cpu_replicas",
+                trainer["cpu_replicas"],
+                "needs trainer.strategy=mirrored (the CPU is split for a mirrored run only)",
+            )
+        ]
+    return []
 
 
 def _keys_of(table: Mapping[str, Rule], group: str) -> set[str]:

@@ -38,6 +38,7 @@ class Batches:
     dataset: tf.data.Dataset
     steps_per_epoch: int
     infinite: bool
+    batch_size: int  # samples in a full batch
 
 
 def _gather_fn(split: SplitArrays) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -121,20 +122,25 @@ def training_batches(
     batch_size: int,
     seed: int,
     source_weights: Mapping[str, float] | None = None,
+    replicas: int = 1,
 ) -> Batches:
     """Shuffled training batches, reshuffled every epoch from ``seed``.
 
     With more than one weighted source, samples are drawn per source (each source reshuffled
     on every pass through it) with probabilities ``sampling_weights``, forever; an epoch is
     then ``len(split) // batch_size`` batches. Otherwise an epoch is one pass over the split.
-    The last partial batch is dropped (batch-norm dislikes tiny batches) unless the split is
-    smaller than one batch.
+    The last partial batch is dropped (batch-norm dislikes tiny batches); a split smaller than
+    one batch is one batch of all its samples, or, for ``replicas`` devices (``batch_size``
+    is then the global batch), of the largest multiple of ``replicas`` of them, so that
+    every batch splits into equal parts.
     """
     n = len(split.labels)
     if n == 0:
         raise ValueError("the training split is empty")
-    drop_remainder = n >= batch_size
-    steps = n // batch_size if drop_remainder else 1
+    if n < replicas:
+        raise ValueError(f"the training split has {n} samples, fewer than {replicas} replicas")
+    batch_size = min(batch_size, n - n % replicas)
+    steps = n // batch_size
     weights = sampling_weights(split, source_weights) if source_weights else {}
     if len(weights) > 1:
         per_source = []
@@ -151,14 +157,22 @@ def training_batches(
         mixed = tf.data.Dataset.sample_from_datasets(
             per_source, weights=list(weights.values()), seed=seed
         )
-        return Batches(_batches_of(mixed, split, batch_size, drop_remainder=True), steps, True)
-    # (a split smaller than one batch: one batch of all of it)
-    batches = _loaded(permuted_positions(n, seed, min(batch_size, n)), split)
-    return Batches(batches, steps, False)
+        return Batches(
+            _batches_of(mixed, split, batch_size, drop_remainder=True), steps, True, batch_size
+        )
+    batches = _loaded(permuted_positions(n, seed, batch_size), split)
+    return Batches(batches, steps, False, batch_size)
 
 
-def evaluation_batches(split: SplitArrays, batch_size: int) -> Batches:
-    """All samples of ``split`` once, in order, in batches (the last may be partial)."""
+def evaluation_batches(split: SplitArrays, batch_size: int, replicas: int = 1) -> Batches:
+    """All samples of ``split`` once, in order, in batches (the last may be partial).
+
+    For ``replicas`` devices (``batch_size`` a multiple of it), the last ``len % replicas``
+    samples are left out, so that every batch splits into equal, non-empty parts (Keras
+    builds a distributed model from the first batch's parts, and an empty part fails).
+    """
     n = len(split.labels)
+    n -= n % replicas
     steps = -(-n // batch_size)
-    return Batches(_batches_of(tf.data.Dataset.range(n), split, batch_size, False), steps, False)
+    dataset = _batches_of(tf.data.Dataset.range(n), split, batch_size, False)
+    return Batches(dataset, steps, False, batch_size)

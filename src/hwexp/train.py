@@ -26,7 +26,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from hwexp.config_check import LR_SCHEDULES, OPTIMIZERS
+from hwexp.config_check import LR_SCHEDULES, OPTIMIZERS, STRATEGIES
 from hwexp.contract import MODEL_NAME_TAG, TOP_K, model_name
 from hwexp.errors import ConfigError, RunNotFound
 from hwexp.metrics import EvaluationReport
@@ -326,6 +326,65 @@ def chosen_dtype_policy(trainer_cfg: Mapping[str, Any]) -> str:
     return "float32"
 
 
+# --------------------------------------------------------------------------- devices
+
+
+def split_cpu(count: int) -> list[str]:
+    """Split the CPU into ``count`` logical devices (names returned), which must happen before
+    TensorFlow sets its devices up: once per process, or again with the same count.
+
+    Raises:
+        ConfigError: TensorFlow's devices were set up already with another split.
+    """
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if len(current or [None]) != count:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+            )
+        except RuntimeError as error:
+            raise ConfigError(
+                f"trainer.cpu_replicas={count}: TensorFlow set its devices up before the CPU "
+                f"could be split ({error}); split it in a fresh process"
+            ) from error
+    return [device.name for device in tf.config.list_logical_devices("CPU")]
+
+
+def prepare_devices(trainer_cfg: Mapping[str, Any]) -> None:
+    """Split the CPU as ``trainer.cpu_replicas`` asks, now: call it before anything starts
+    TensorFlow's runtime (loading a model does, e.g. ``trainer.init_from``)."""
+    if trainer_cfg.get("strategy") == "mirrored" and trainer_cfg.get("cpu_replicas"):
+        split_cpu(int(trainer_cfg["cpu_replicas"]))
+
+
+def distribution_strategy(trainer_cfg: Mapping[str, Any]) -> Any | None:
+    """The ``tf.distribute`` strategy of ``trainer.strategy``, or None (``null``: one device).
+
+    ``mirrored``: a ``MirroredStrategy`` over every visible GPU, or, with
+    ``trainer.cpu_replicas`` > 0, over that many logical devices split from the CPU (a
+    multi-device run on any machine; not faster). Call it before TensorFlow runs anything.
+    """
+    name = trainer_cfg.get("strategy")
+    if name is None:
+        return None
+    if name not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy={name}: one of {' | '.join(STRATEGIES)}, or null")
+    import tensorflow as tf
+
+    cpu_replicas = int(trainer_cfg.get("cpu_replicas") or 0)
+    if cpu_replicas:
+        return tf.distribute.MirroredStrategy(split_cpu(cpu_replicas))
+    if not tf.config.list_physical_devices("GPU"):
+        log.warning(
+            "trainer.strategy=mirrored: no GPU visible, so one replica on the CPU "
+            "(trainer.cpu_replicas splits the CPU into several)"
+        )
+    return tf.distribute.MirroredStrategy()
+
+
 # --------------------------------------------------------------------------- start from a run
 
 
@@ -426,6 +485,7 @@ class FitResult:
     train_seconds: float  # wall time in training batches (validation excluded)
     samples_per_second: float  # training throughput, first (tracing) epoch excluded if possible
     dtype_policy: str
+    replicas: int = 1  # devices trained on in sync; each batch is batch_size x replicas
 
 
 def fit(
@@ -441,20 +501,33 @@ def fit(
     when None, of the run ``trainer.init_from`` names (see ``initial_model``).
     ``extra_callbacks`` run after the configured ones and see
     ``learning_rate``/``samples_per_second`` in their logs; ``epoch_hook`` runs after them.
+    Under ``trainer.strategy`` (see ``distribution_strategy``) the model is built and compiled
+    in the strategy's scope, ``batch_size`` is per replica and each step takes ``batch_size``
+    x replicas samples (the learning rate is not scaled); metrics are the same.
     Returns the model as trained (best weights restored when early stopping says so).
     """
     trainer_cfg = cfg["trainer"]
-    seed, batch_size = int(trainer_cfg["seed"]), int(trainer_cfg["batch_size"])
+    strategy = distribution_strategy(trainer_cfg)  # before TF runs anything: it may split the CPU
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    seed, batch_size = int(trainer_cfg["seed"]), int(trainer_cfg["batch_size"]) * replicas
     keras.utils.set_random_seed(seed)
-    train = training_batches(splits.train, batch_size, seed, splits.source_weights)
-    val = evaluation_batches(splits.val, batch_size)
+    for name in ("train", "val"):
+        if len(getattr(splits, name)) < replicas:
+            raise ConfigError(
+                f"the {name} split has {len(getattr(splits, name))} sample(s), fewer than the "
+                f"{replicas} replicas of trainer.strategy=mirrored; use more data or fewer devices"
+            )
+    train = training_batches(splits.train, batch_size, seed, splits.source_weights, replicas)
+    val = evaluation_batches(splits.val, batch_size, replicas)
     policy = chosen_dtype_policy(trainer_cfg)
-    model = initial_model(splits, cfg, init or load_init_source(cfg), policy)
-    compile_model(model, trainer_cfg, train.steps_per_epoch)
+    init = init or load_init_source(cfg)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = initial_model(splits, cfg, init, policy)
+        compile_model(model, trainer_cfg, train.steps_per_epoch)
     configured = make_callbacks(
         cfg["callbacks"], trainer_cfg["lr_schedule"], verbose=min(1, int(trainer_cfg["verbose"]))
     )
-    recorder = EpochRecorder(batch_size)
+    recorder = EpochRecorder(train.batch_size)
     # Order matters: the recorder runs after ReduceLROnPlateau (so it logs the reduced rate)
     # and before the extra callbacks (so a tracker sees learning_rate); the hook runs last, so
     # an epoch is tracked before the hook can abort training.
@@ -482,6 +555,7 @@ def fit(
         train_seconds=sum(recorder.epoch_seconds),
         samples_per_second=recorder.steady_samples_per_second(),
         dtype_policy=policy,
+        replicas=replicas,
     )
 
 
@@ -554,6 +628,7 @@ def train_and_evaluate(
     (``load_init_source``, e.g. before starting its MLflow run); else it is loaded here. A run
     started from it is tagged ``hwexp.init_from=<its run id>`` (see ``init_from_params``).
     """
+    prepare_devices(cfg["trainer"])
     init = init or load_init_source(cfg)
     extra = []
     name = model_name(cfg.get("dataset") or {}, splits.classes)
@@ -578,6 +653,12 @@ def train_and_evaluate(
     metrics = {**report.metrics("test"), **_fit_metrics(result)}
     if tracker is not None:
         tracker.set_tags({"dtype_policy": result.dtype_policy})
+        tracker.log_params(
+            {
+                "trainer.replicas": result.replicas,
+                "trainer.global_batch_size": result.replicas * int(cfg["trainer"]["batch_size"]),
+            }
+        )
         tracker.log_metrics(metrics)
         tracker.log_evaluation(report)
         tracker.log_history(result.history)
