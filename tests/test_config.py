@@ -53,7 +53,7 @@ def test_real_dataset_keeps_its_source_on_the_default_config(tmp_path):
     assert cfg.dataset.source == "etl9g" and cfg.dataset.classes == "etl9_3036"
 
 
-@pytest.mark.parametrize("experiment", GROUPS["experiment"])
+@pytest.mark.parametrize("experiment", [e for e in GROUPS["experiment"] if "article" in e])
 def test_article_recipes(tmp_path, experiment):
     cfg = data_config(tmp_path, f"experiment={experiment}", config_name="config")
     check_config(cfg)
@@ -68,6 +68,21 @@ def test_article_recipes(tmp_path, experiment):
         assert cfg.augment.enabled is True and cfg.split.method == "random"
     if experiment == "article_kanji3036":
         assert cfg.model.activation == "tanh" and cfg.model.dense_units > 512
+
+
+def test_gpu_recipe_is_the_default_model_at_64_px_in_mixed_precision(tmp_path):
+    default = data_config(tmp_path, "dataset=kanji3036", config_name="config")
+    cfg = data_config(tmp_path, "experiment=kanji3036_gpu", config_name="config")
+    check_config(cfg)
+    assert cfg.dataset.source == "etl9g" and cfg.dataset.classes == "etl9_3036"
+    assert cfg.model == default.model and cfg.model.name == "vgg_bn"
+    assert cfg.preprocess.size == 64 and cfg.trainer.mixed_precision is True
+    assert cfg.trainer.batch_size >= 4 * default.trainer.batch_size
+    assert cfg.trainer.strategy is None  # one GPU; trainer.strategy=mirrored for several
+    mirrored = data_config(
+        tmp_path, "experiment=kanji3036_gpu", "trainer.strategy=mirrored", config_name="config"
+    )
+    check_config(mirrored)
 
 
 def test_debug_run_is_tiny(tmp_path):
