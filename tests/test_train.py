@@ -12,7 +12,12 @@ import pytest
 from sklearn.metrics import f1_score
 
 from hwexp.data.dataset import SplitArrays
-from hwexp.pipeline import evaluation_batches, sampling_weights, training_batches
+from hwexp.pipeline import (
+    evaluation_batches,
+    permuted_positions,
+    sampling_weights,
+    training_batches,
+)
 from hwexp.train import (
     EvaluationReport,
     SparseSmoothedCrossentropy,
@@ -69,6 +74,7 @@ def test_training_drops_the_last_partial_batch_but_evaluation_keeps_order() -> N
     split = numbered_split(25)
     train = training_batches(split, batch_size=10, seed=0)
     assert train.steps_per_epoch == 2
+    assert int(train.dataset.cardinality()) == 2  # known: Keras warns of a dataset "run out"
     assert [len(labels) for _, labels in train.dataset.as_numpy_iterator()] == [10, 10]
     evaluation = evaluation_batches(split, batch_size=10)
     assert evaluation.steps_per_epoch == 3
@@ -120,6 +126,19 @@ def test_the_cpu_cannot_be_split_once_tensorflow_runs() -> None:
     tf.constant(1.0) + 1.0  # TensorFlow's devices are set up now
     with pytest.raises(ConfigError, match=r"^trainer\.cpu_replicas=3: .*fresh process"):
         split_cpu(3)
+
+
+def test_permuted_positions_cover_every_position_once_a_pass_in_a_new_order() -> None:
+    forever = permuted_positions(10, seed=3, chunk=4, passes=None, drop_remainder=False)
+    chunks = [c.tolist() for c in forever.take(9).as_numpy_iterator()]
+    assert [len(c) for c in chunks] == [4, 4, 2] * 3
+    passes = [sum(chunks[i : i + 3], []) for i in (0, 3, 6)]
+    assert all(sorted(order) == list(range(10)) for order in passes)
+    assert len({tuple(order) for order in passes}) == 3
+    one_pass = permuted_positions(10, seed=3, chunk=4)  # the last partial chunk dropped
+    first = [c.tolist() for c in one_pass.as_numpy_iterator()]
+    assert [len(c) for c in first] == [4, 4] and len(set(sum(first, []))) == 8
+    assert int(one_pass.cardinality()) == 2
 
 
 def test_weighted_sampling_draws_sources_in_proportion() -> None:

@@ -97,7 +97,10 @@ def permuted_positions(
             .map(lambda positions: tf.random.experimental.index_shuffle(positions, key, n - 1))
         )
 
-    return pass_seeds.flat_map(one_pass)
+    per_pass = n // chunk if drop_remainder else -(-n // chunk)
+    # flat_map hides the length, and Keras warns that a dataset of unknown length "ran out"
+    length = tf.data.INFINITE_CARDINALITY if passes is None else passes * per_pass
+    return pass_seeds.flat_map(one_pass).apply(tf.data.experimental.assert_cardinality(length))
 
 
 def sampling_weights(split: SplitArrays, source_weights: Mapping[str, float]) -> dict[str, float]:
