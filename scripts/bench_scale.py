@@ -47,6 +47,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the struct-exact ETL record packer
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_train's FLOP count
 
 FILES = 50
 WRITERS_PER_FILE = 4
@@ -367,25 +368,10 @@ def kanji3036_config(data_dir: Path, work: Path, size: int, *overrides: str):
     return cfg
 
 
-def training_flops(model) -> float:
-    """FLOPs of one training sample: 3 x (2 x multiply-adds) of the Conv2D and Dense layers
-    (the forward pass, and the backward pass's two products of the same size)."""
-    import keras
-
-    forward = 0
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2D):
-            _, height, width, out = layer.output.shape
-            kernel = int(np.prod(layer.kernel.shape[:-1]))  # k x k x input channels
-            forward += 2 * height * width * out * kernel
-        elif isinstance(layer, keras.layers.Dense):
-            forward += 2 * int(np.prod(layer.kernel.shape))
-    return 3.0 * forward
-
-
 def train_child(data_dir: Path, work: Path, steps: int, size: int, warmup: int = 20) -> None:
     """Load the prepared kanji3036 splits and run ``steps`` training batches of the default
     model; prints one JSON line of figures."""
+    from bench_train import training_flops_per_sample
     from hwexp.data.dataset import load_splits
 
     stages = {"started": smaps_rollup(os.getpid())}
@@ -433,7 +419,7 @@ def train_child(data_dir: Path, work: Path, steps: int, size: int, warmup: int =
                 "batch_size": batch_size,
                 "steps_per_epoch": train.steps_per_epoch,
                 "params": model.count_params(),
-                "training_flops": training_flops(model),
+                "training_flops": training_flops_per_sample(model),
                 "steps": steps,
                 "warmup_steps": warmup,
                 "warmup_seconds": float(times[warmup] - times[0]),
@@ -453,6 +439,7 @@ def bench_gpu_recipe(data_dir: Path, work: Path, batches: int = 200) -> None:
     """What bounds ``experiment=kanji3036_gpu`` on a GPU, from this host: how fast the input
     pipeline alone delivers its batches (a GPU cannot train faster than it is fed) and the
     model's FLOPs a training sample."""
+    from bench_train import training_flops_per_sample
     from hwexp.data.dataset import load_splits
     from hwexp.pipeline import training_batches
     from hwexp.train import initial_model
@@ -469,7 +456,7 @@ def bench_gpu_recipe(data_dir: Path, work: Path, batches: int = 200) -> None:
     for _ in range(batches):
         next(iterator)
     rate = batches * batch_size / (time.perf_counter() - start)
-    flops = training_flops(initial_model(splits, cfg))
+    flops = training_flops_per_sample(initial_model(splits, cfg))
     print(
         f"\n## experiment=kanji3036_gpu ({cfg.preprocess.size} px, batch {batch_size}, "
         f"{len(splits.classes):,} classes)\n"
