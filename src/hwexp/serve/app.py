@@ -283,7 +283,8 @@ class PadHandler(BaseHTTPRequestHandler):
     server: PadServer
     protocol_version = "HTTP/1.1"  # keep-alive: every response carries Content-Length
     server_version = f"hwexp-serve/{__version__}"
-    disable_nagle_algorithm = True  # headers and body leave at once (no 40 ms delayed-ACK wait)
+    disable_nagle_algorithm = True  # a response leaves at once (no 40 ms delayed-ACK wait)
+    wbufsize = 64 * 1024  # headers and body are one send, flushed after each request
     timeout = 30  # seconds a connection may stay silent
 
     def do_GET(self) -> None:
@@ -414,7 +415,8 @@ class PadHandler(BaseHTTPRequestHandler):
             self._send_json(code, {"error": text})
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+        if log.isEnabledFor(logging.DEBUG):  # called for every request: format only if logged
+            log.debug("%s %s", self.address_string(), format % args)
 
 
 def make_server(
