@@ -12,8 +12,10 @@ import http.client
 import io
 import json
 import logging
+import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -44,6 +46,7 @@ from hwexp.recognition.loading import (
     tracking_client,
 )
 from hwexp.serve.__main__ import main as serve_main
+from hwexp.serve.__main__ import parse_args
 from hwexp.serve.app import MAX_BODY_BYTES, MAX_POINTS, MAX_STROKES, make_server, predict
 from hwexp.synth.kanjivg import FRAME, load_glyph
 
@@ -672,3 +675,153 @@ def test_a_dot_or_a_very_short_stroke_is_drawn_and_recognised(light_server, stro
     ink = np.argwhere(shown > 0)
     assert shown.max() == 255 and 1 <= len(ink) <= 25  # a dot ...
     assert np.abs(ink.mean(axis=0) - 23.5).max() < 3  # ... in the middle
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _workers(pid: int) -> list[int]:
+    """The server processes among ``pid``'s children (not multiprocessing's resource tracker)."""
+    return [c for c in _children(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited, only its exit status is left
+
+
+def _accepted_by(server_port: int, client_port: int, pids: Sequence[int]) -> int:
+    """Which of ``pids`` holds the server's end of the loopback connection from
+    ``client_port`` (its socket's inode, from /proc/net/tcp, among the processes' files)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(a.split(":")[1], 16) for a in fields[1:3])
+        if (local, remote) == (server_port, client_port):
+            link = f"socket:[{fields[9]}]"
+            for pid in pids:
+                fds = Path(f"/proc/{pid}/fd")
+                if any(os.readlink(fds / fd) == link for fd in os.listdir(fds)):
+                    return pid
+    raise AssertionError(f"no process of {pids} holds the connection from port {client_port}")
+
+
+def _wait_until(condition: Any, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"after {seconds} s: {what}"
+        time.sleep(0.1)
+
+
+@contextmanager
+def serving_workers(
+    exported: ExportedModel, workers: int
+) -> Iterator[tuple[subprocess.Popen, int]]:
+    """``python -m hwexp.serve --workers N`` on an ephemeral port: ``(process, port)`` once it
+    prints its URL (the process is killed afterwards if still running)."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hwexp.serve",
+            "--model",
+            str(exported.onnx),
+            "--port",
+            "0",
+            "--workers",
+            str(workers),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        printed = []  # the served models' table, then the URL
+        while not printed or "drawing pad at" not in printed[-1]:
+            printed.append(process.stdout.readline())
+            assert printed[-1], f"the server stopped: {''.join(printed)}"
+        assert f"{workers} server processes" in printed[-1], printed
+        yield process, int(printed[-1].split("127.0.0.1:")[1].split("/")[0])
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def _answering_processes(port: int, pids: Sequence[int], seconds: float = 60) -> set[int]:
+    """Have drawings recognised, each on a new connection, until every one of ``pids`` has
+    answered one (or ``seconds`` passed: a worker still loading its model accepts nothing);
+    the processes that answered."""
+    answered: set[int] = set()
+    deadline = time.monotonic() + seconds
+    while answered != set(pids) and time.monotonic() < deadline:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request("POST", "/api/predict", json.dumps(_strokes()).encode())
+            response = connection.getresponse()
+            assert response.status == 200
+            assert json.loads(response.read())["candidates"][0]["char"] == "あ"
+            answered.add(_accepted_by(port, connection.sock.getsockname()[1], pids))
+        finally:
+            connection.close()
+    return answered
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc")
+def test_workers_share_the_port_a_dead_one_is_replaced_and_sigterm_stops_them_all(exported):
+    with serving_workers(exported, 2) as (process, port):
+        workers = _workers(process.pid)
+        assert len(workers) == 2
+        assert _answering_processes(port, workers) == set(workers)
+        # A worker that dies is replaced; the pad answers throughout.
+        os.kill(workers[0], signal.SIGKILL)
+        assert request(("127.0.0.1", port), "POST", "/api/predict", _strokes())[0] == 200
+        _wait_until(lambda: len(set(_workers(process.pid)) - set(workers)) == 1, 60, "no new one")
+        replaced = _workers(process.pid)
+        assert workers[1] in replaced
+        assert _answering_processes(port, replaced) == set(replaced)
+        started = _children(process.pid)  # the workers and multiprocessing's resource tracker
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        _wait_until(lambda: not any(map(_running, started)), 10, f"{started} still running")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc")
+def test_workers_stop_by_themselves_when_the_parent_is_killed(exported):
+    with serving_workers(exported, 2) as (process, port):
+        workers = _workers(process.pid)
+        process.kill()  # no chance to stop them: they see their pipe to it close
+        process.wait(10)
+        _wait_until(lambda: not any(map(_running, workers)), 15, f"{workers} still running")
+
+
+def test_workers_that_cannot_load_the_model_stop_the_start_with_its_error(tmp_path):
+    missing = tmp_path / "none.onnx"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hwexp.serve",
+            "--model",
+            str(missing),
+            "--port",
+            "0",
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("error: no model file") == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--workers", "0"])
+    assert exit_info.value.code == 2

@@ -12,16 +12,24 @@ the project's store, ``sqlite:///<$HWEXP_ROOT or .>/mlruns/mlflow.db``). At star
 models are listed with what they read (class set, number of classes, data source, registry
 version, run id); ``--list`` lists every registered model that way and exits. Each model is a
 ``hwexp.recognition.Recognizer``, the object ``hwexp predict`` and Python code use.
+
+``--workers N`` serves from N processes sharing the port (hwexp.serve.workers), each with its
+own copy of the models: one process uses about one CPU core, so under concurrent load N = the
+number of cores answers about N times as many requests. SIGTERM stops the server like Ctrl+C.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
+import importlib
 import logging
 import os
 import re
-from collections.abc import Sequence
+import signal
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from hwexp.errors import ModelLoadError, exit_on_error
@@ -34,7 +42,8 @@ from hwexp.recognition.loading import (
     registered_models,
     tracking_client,
 )
-from hwexp.serve.app import make_server
+from hwexp.serve.app import listen, make_server
+from hwexp.serve.workers import WorkerPool
 
 log = logging.getLogger("hwexp.serve")
 _NAMED = re.compile(r"([^=/\\]+)=(.+)")  # NAME=REF, NAME without path separators
@@ -43,6 +52,13 @@ _NAMED = re.compile(r"([^=/\\]+)=(.+)")  # NAME=REF, NAME without path separator
 def _split_name(spec: str) -> tuple[str | None, str]:
     match = _NAMED.fullmatch(spec)
     return (match.group(1), match.group(2)) if match else (None, spec)
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -85,6 +101,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     add("--threads", type=int, default=1, help="ONNX Runtime threads per request (default 1)")
+    add(
+        "--workers",
+        type=_at_least_one,
+        default=1,
+        help="server processes sharing the port, each with its own copy of the models (default "
+        "1; one per CPU core serves the most requests)",
+    )
     add(
         "--list",
         action="store_true",
@@ -168,31 +191,86 @@ def list_registered(client: Any) -> str:
     return f"registered models in {client.tracking_uri}:\n{model_table(rows)}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
     for noisy in ("mlflow", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def worker_models(args: argparse.Namespace) -> list[Recognizer]:
+    """What a worker process (hwexp.serve.workers) serves: its own logging, its own models."""
+    _configure_logging(args.verbose)
+    return load_models(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    _configure_logging(args.verbose)
     if args.list:
         with exit_on_error():
             print(list_registered(tracking_client(args.tracking_uri)))
         return 0
+    with _sigterm_interrupts(), contextlib.suppress(KeyboardInterrupt):
+        if args.workers == 1:
+            _serve_here(args)
+        else:
+            _serve_in_workers(args)
+    return 0
+
+
+def _serve_here(args: argparse.Namespace) -> None:
     with exit_on_error(also=(ValueError, OSError)):  # also: a bad host or port
         models = load_models(args)
         server = make_server(models, args.host, args.port)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: anyone who can reach it can use the pad", args.host)
-    print(f"serving {len(models)} model(s):", model_table([m.describe() for m in models]), sep="\n")
-    print(f"drawing pad at {server.url}  (Ctrl+C stops it)", flush=True)
+    _announce(args, [m.describe() for m in models], server.server_address)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
-    return 0
+
+
+def _serve_in_workers(args: argparse.Namespace) -> None:
+    with exit_on_error(also=(ValueError, OSError)):
+        listener = listen(args.host, args.port)
+    # Under python -m this file is __main__, a module that spawned processes do not import:
+    # they find the loader under the module's own name.
+    here = importlib.import_module("hwexp.serve.__main__")
+    pool = WorkerPool(args.workers, listener, functools.partial(here.worker_models, args))
+    try:
+        with exit_on_error(also=(ValueError, OSError)):  # a worker that cannot load a model
+            _announce(args, pool.start(), listener.getsockname())
+            with contextlib.suppress(KeyboardInterrupt):  # how a server is stopped: status 0
+                pool.supervise()
+    finally:
+        pool.stop()
+        listener.close()
+
+
+def _announce(args: argparse.Namespace, models: list[dict[str, Any]], address: Any) -> None:
+    """List the models (``Recognizer.describe()`` of each) and print the pad's URL."""
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: anyone who can reach it can use the pad", args.host)
+    print(f"serving {len(models)} model(s):", model_table(models), sep="\n")
+    processes = f", {args.workers} server processes" if args.workers > 1 else ""
+    host, port = address[:2]
+    print(f"drawing pad at http://{host}:{port}/  (Ctrl+C stops it{processes})", flush=True)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM stops the server as Ctrl+C does (KeyboardInterrupt), so that workers are
+    stopped and sockets closed; the previous handler is restored afterwards."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ import io
 import json
 import logging
 import re
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -237,7 +238,12 @@ class PadServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = REQUEST_QUEUE_SIZE
 
-    def __init__(self, address: tuple[str, int], models: Sequence[Recognizer]) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        models: Sequence[Recognizer],
+        listener: socket.socket | None = None,
+    ) -> None:
         if not models:
             raise ValueError("no models to serve")
         names = [m.name for m in models]
@@ -249,7 +255,17 @@ class PadServer(ThreadingHTTPServer):
             path: ((STATIC_DIR / file).read_bytes(), ctype)
             for path, (file, ctype) in _STATIC.items()
         }
-        super().__init__(address, PadHandler)
+        if listener is None:
+            super().__init__(address, PadHandler)
+            return
+        super().__init__(listener.getsockname(), PadHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listener
+        self.server_name, self.server_port = self.server_address[:2]
+        # Other processes accept from this socket too: when one of them takes the connection
+        # this one was woken for, accept() must fail at once (socketserver then skips it), not
+        # block the serving loop until the next connection.
+        listener.setblocking(False)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away (reset, broken pipe) is one log line; any other error
@@ -419,8 +435,26 @@ class PadHandler(BaseHTTPRequestHandler):
             log.debug("%s %s", self.address_string(), format % args)
 
 
+def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A listening TCP socket as :class:`PadServer` binds one (address reuse, backlog
+    :data:`REQUEST_QUEUE_SIZE`), for several server processes to share."""
+    sock = socket.socket(PadServer.address_family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(REQUEST_QUEUE_SIZE)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def make_server(
-    models: Sequence[Recognizer], host: str = "127.0.0.1", port: int = 8000
+    models: Sequence[Recognizer],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    listener: socket.socket | None = None,
 ) -> PadServer:
-    """A ready, not yet serving server (``port=0``: an ephemeral port; see ``server.url``)."""
-    return PadServer((host, port), models)
+    """A ready, not yet serving server (``port=0``: an ephemeral port; see ``server.url``);
+    with ``listener`` (from :func:`listen`), it accepts from that socket instead of binding."""
+    return PadServer((host, port), models, listener)
