@@ -1,21 +1,29 @@
 """Latency of the drawing pad's ``POST /api/predict`` under load: strokes in, top-5 out, over
 loopback.
 
-Starts ``python -m hwexp.serve`` as a subprocess on an ephemeral 127.0.0.1 port and fires
-``--requests`` requests from ``--clients`` concurrent clients (threads of this process), in two
-modes: ``keepalive`` (each client keeps one connection) and ``new`` (a new TCP connection per
-request, as simple scripts and some proxies do). Requests cycle through KanjiVG-drawn あいうえお
-on a 400 px canvas (every stroke point, ~100-300 points per character). Reports per mode the
+Starts ``python -m hwexp.serve --workers N`` as a subprocess on an ephemeral 127.0.0.1 port and
+fires ``--requests`` requests from ``--clients`` concurrent closed-loop clients, in two modes:
+``keepalive`` (each client keeps one connection) and ``new`` (a new TCP connection per request,
+as simple scripts and some proxies do). Requests cycle through KanjiVG-drawn あいうえお on a
+400 px canvas (every stroke point, ~100-300 points per character). Reports per mode the
 client-side latency (request sent -> JSON answer parsed) p50/p90/p99/max, the server's own
-``ms``, throughput and errors (resets, timeouts, non-200 answers: counted, never fatal). Each
-mode stops after ``--requests`` or ``--max-seconds``, whichever comes first; requests go only to
-127.0.0.1.
+``ms``, throughput, errors (resets, timeouts, non-200 answers: counted, never fatal) and the CPU
+time per request of the server (all its processes) and of the load generator. Each mode stops
+after ``--requests`` or ``--max-seconds``, whichever comes first; requests go only to 127.0.0.1.
+
+The load generator shares the machine with the server, so it is made cheap: one asyncio event
+loop, requests encoded once, answers parsed only as far as the checks need (about 0.15 ms of CPU
+per keep-alive request; ``http.client`` in 16 threads cost 2-3 times that, and its threads
+competing for the interpreter lock added their own waits to the latencies). Several
+``--workers`` values and ``--rounds`` alternate, so that each is measured under the same
+background load.
 
 Model: ``--model FILE.onnx`` (or any ``hwexp.serve`` model option after ``--``); without one,
 a debug model (5 hiragana) is trained and exported into a temporary folder first (~1 min).
 
     python scripts/bench_serve.py                                  # train a debug model first
     python scripts/bench_serve.py --model outputs/exports/<run>/hiragana75-synthetic.onnx
+    python scripts/bench_serve.py --model m.onnx --workers 1 2 --rounds 3   # A/B, alternated
     python scripts/bench_serve.py --model m.onnx --clients 1 --mode keepalive   # one client
     python scripts/bench_serve.py -- --registered hiragana75-synthetic --tracking-uri sqlite:///...
 """
@@ -23,17 +31,16 @@ a debug model (5 hiragana) is trained and exported into a temporary folder first
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import http.client
 import json
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,12 +83,14 @@ def start_server(model_args: Sequence[str]) -> tuple[subprocess.Popen, str, int]
         stdout=subprocess.PIPE,
         text=True,
     )
-    line = process.stdout.readline() if process.stdout else ""
-    match = re.search(r"http://([\d.]+):(\d+)/", line)
-    if not match:
-        process.kill()
-        raise SystemExit(f"the server did not start: {line!r}")
-    return process, match.group(1), int(match.group(2))
+    printed = ""
+    for line in process.stdout or ():  # the served models' table, then the URL
+        printed += line
+        match = re.search(r"drawing pad at http://([\d.]+):(\d+)/", line)
+        if match:
+            return process, match.group(1), int(match.group(2))
+    process.kill()
+    raise SystemExit(f"the server did not start: {printed!r}")
 
 
 def payloads() -> list[dict]:
@@ -100,16 +109,101 @@ def payloads() -> list[dict]:
     ]
 
 
-class NoDelayConnection(http.client.HTTPConnection):
-    """``http.client`` sends headers and body in two writes; with Nagle's algorithm on, the
-    body then waits for the server's delayed ACK (~40 ms). Browsers set TCP_NODELAY: so do we."""
-
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 MODES = {"keepalive": True, "new": False}
+REQUEST_TIMEOUT_S = 30.0
+
+
+class Stats:
+    """Per-mode outcome counters, filled by the clients."""
+
+    def __init__(self) -> None:
+        self.client_ms: list[float] = []
+        self.server_ms: list[float] = []
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.correct = 0
+
+
+async def exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[int, bytes, bool]:
+    """Send one prepared request; ``(status, body, the server closes the connection)``."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+    fields = {key.strip().lower(): value.strip().lower() for key, value in headers.items()}
+    body = await reader.readexactly(int(fields["content-length"]))
+    return status, body, fields.get("connection") == "close"
+
+
+async def load(
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    expected: Sequence[str],
+    count: int,
+    warmup: int,
+    keepalive: bool,
+    clients: int,
+    deadline: float,
+) -> tuple[Stats, float]:
+    """``clients`` closed-loop clients (each sends its next request when the last is answered)
+    sharing ``warmup + count`` requests; returns the stats of the ``count`` and the wall time
+    from the first of them to the last answer."""
+    stats, issued, started = Stats(), iter(range(warmup + count)), []
+
+    async def client() -> None:
+        reader = writer = None
+        for i in issued:
+            if time.monotonic() > deadline:
+                break
+            if i == warmup:
+                started.append(time.perf_counter())
+            start = time.perf_counter()
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection(host, port), REQUEST_TIMEOUT_S
+                    )
+                status, body, closing = await asyncio.wait_for(
+                    exchange(reader, writer, requests[i % len(requests)]), REQUEST_TIMEOUT_S
+                )
+                answer = json.loads(body)
+                elapsed = (time.perf_counter() - start) * 1000.0
+                outcome = "ok" if status == 200 else f"HTTP {status}"
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as error:
+                outcome, closing = type(error).__name__, True
+            if writer is not None and (closing or not keepalive):
+                writer.close()
+                reader = writer = None
+            if i < warmup:
+                continue
+            if outcome != "ok":
+                stats.errors[outcome] += 1
+                continue
+            stats.client_ms.append(elapsed)
+            stats.server_ms.append(answer["ms"])
+            stats.correct += answer["candidates"][0]["char"] == expected[i % len(expected)]
+        if writer is not None:
+            writer.close()
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return stats, time.perf_counter() - started[0] if started else float("nan")
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) of process ``pid`` and its living descendants (Linux
+    ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for child in children:
+        total += process_cpu_s(int(child)) or 0.0
+    return total
 
 
 def run(
@@ -121,72 +215,52 @@ def run(
     keepalive: bool,
     clients: int = 1,
     max_seconds: float = 60.0,
+    server_pid: int | None = None,
 ) -> dict:
     """Fire ``warmup`` requests, then ``count`` from ``clients`` concurrent clients (at most
-    ``max_seconds``); latency figures (ms) and errors of the ``count``."""
-    requests = payloads()
-    encoded = [json.dumps({**p, "model": model}).encode() for p in requests]
-    headers = {"Content-Type": "application/json"}
-    lock = threading.Lock()
-    issued = iter(range(warmup + count))
-    client_ms: list[float] = []
-    server_ms: list[float] = []
-    errors: collections.Counter[str] = collections.Counter()
-    correct = 0
-    start_at: list[float] = []
-    deadline = time.monotonic() + max_seconds
+    ``max_seconds``); latency figures (ms), errors and CPU cost of the ``count``."""
+    objects = payloads()
+    requests = []
+    for payload in objects:
+        body = json.dumps({**payload, "model": model}).encode()
+        head = (
+            f"POST /api/predict HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        requests.append(head.encode() + body)
+    server_cpu = process_cpu_s(server_pid) if server_pid else None
+    client_cpu = time.process_time()
+    stats, wall = asyncio.run(
+        load(
+            host,
+            port,
+            requests,
+            CHARS,
+            count,
+            warmup,
+            keepalive,
+            clients,
+            time.monotonic() + max_seconds,
+        )
+    )
+    client_cpu = time.process_time() - client_cpu
+    if server_cpu is not None:
+        server_cpu = process_cpu_s(server_pid) - server_cpu
+    answered = len(stats.client_ms)
+    done = answered + sum(stats.errors.values())
+    sent = done + warmup  # the CPU figures cover the warm-up too
 
-    def client() -> None:
-        nonlocal correct
-        connection = None
-        while time.monotonic() < deadline:
-            with lock:
-                i = next(issued, None)
-                if i == warmup:
-                    start_at.append(time.perf_counter())
-            if i is None:
-                break
-            try:
-                if connection is None:
-                    connection = NoDelayConnection(host, port, timeout=30)
-                start = time.perf_counter()
-                connection.request("POST", "/api/predict", encoded[i % len(encoded)], headers)
-                response = connection.getresponse()
-                answer = json.loads(response.read())
-                elapsed = (time.perf_counter() - start) * 1000.0
-                outcome = "ok" if response.status == 200 else f"HTTP {response.status}"
-            except (OSError, http.client.HTTPException, ValueError) as error:
-                outcome, answer = type(error).__name__, None
-            if outcome != "ok" or not keepalive or response.will_close:
-                connection.close()
-                connection = None
-            if i < warmup:
-                continue
-            with lock:
-                if outcome != "ok":
-                    errors[outcome] += 1
-                    continue
-                client_ms.append(elapsed)
-                server_ms.append(answer["ms"])
-                correct += answer["candidates"][0]["char"] == CHARS[i % len(CHARS)]
-        if connection is not None:
-            connection.close()
+    def per_request_ms(seconds: float | None) -> float | None:
+        return None if seconds is None else round(seconds * 1000.0 / max(1, sent), 2)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start_at[0] if start_at else float("nan")
-    done = len(client_ms) + sum(errors.values())
-    client, server = np.array(client_ms or [np.nan]), np.array(server_ms or [np.nan])
+    client, server = np.array(stats.client_ms or [np.nan]), np.array(stats.server_ms or [np.nan])
     return {
         "mode": "keepalive" if keepalive else "new",
         "clients": clients,
         "requests": done,
-        "errors": sum(errors.values()),
-        "error_kinds": dict(errors),
-        "points_per_request": [sum(len(s) for s in p["strokes"]) for p in requests],
+        "errors": sum(stats.errors.values()),
+        "error_kinds": dict(stats.errors),
+        "points_per_request": [sum(len(s) for s in p["strokes"]) for p in objects],
         "client_ms": {
             q: round(float(np.percentile(client, int(q[1:]))), 2) for q in ("p50", "p90", "p99")
         }
@@ -195,7 +269,11 @@ def run(
             q: round(float(np.percentile(server, int(q[1:]))), 2) for q in ("p50", "p99")
         },
         "requests_per_s": round(done / wall, 1),
-        "top1_correct": round(correct / max(1, len(client_ms)), 3),
+        "cpu_ms_per_request": {
+            "load_generator": per_request_ms(client_cpu),
+            "server": per_request_ms(server_cpu),
+        },
+        "top1_correct": round(stats.correct / max(1, answered), 3),
     }
 
 
@@ -211,6 +289,26 @@ def machine() -> dict:
     }
 
 
+def summary(runs: Sequence[dict]) -> str:
+    """One line per run and mode: the figures to compare."""
+    lines = [
+        "workers round mode       errors   p50    p90    p99    max  req/s  cpu ms/req: "
+        "server load-generator  load"
+    ]
+    for run_ in runs:
+        for mode in MODES:
+            if mode not in run_:
+                continue
+            r, ms, cpu = run_[mode], run_[mode]["client_ms"], run_[mode]["cpu_ms_per_request"]
+            lines.append(
+                f"{run_['workers']:>7} {run_['round']:>5} {mode:<10} {r['errors']:>6} "
+                f"{ms['p50']:>5.1f} {ms['p90']:>6.1f} {ms['p99']:>6.1f} {ms['max']:>6.1f} "
+                f"{r['requests_per_s']:>6.0f}  {cpu['server'] or float('nan'):>17.2f} "
+                f"{cpu['load_generator']:>14.2f} {r['load_average_1m']:>5.2f}"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="an exported .onnx (default: train a debug model)")
@@ -218,6 +316,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
     parser.add_argument("--mode", choices=[*MODES, "both"], default="both")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[2],
+        metavar="N",
+        help="hwexp.serve --workers; several values are measured in turn (default 2)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat every --workers value this often (1)"
+    )
     parser.add_argument(
         "--max-seconds", type=float, default=30.0, help="per mode, warm-up included (30)"
     )
@@ -230,28 +339,36 @@ def main(argv: Sequence[str] | None = None) -> None:
             model_args += ["--model", args.model]
         if not model_args:
             model_args = ["--model", str(debug_model(Path(tmp)))]
-        report = {"machine": machine()}
-        process, host, port = start_server(model_args)
-        try:
-            connection = http.client.HTTPConnection(host, port, timeout=30)
-            connection.request("GET", "/api/models")
-            report["model"] = json.loads(connection.getresponse().read())["default"]
-            connection.close()
-            for mode in modes:
-                report[mode] = run(
-                    host,
-                    port,
-                    report["model"],
-                    args.requests,
-                    args.warmup,
-                    MODES[mode],
-                    args.clients,
-                    args.max_seconds,
-                )
-        finally:
-            process.terminate()
-            process.wait(10)
+        report: dict = {"machine": machine(), "runs": []}
+        for round_ in range(1, args.rounds + 1):
+            for workers in args.workers:
+                process, host, port = start_server([*model_args, "--workers", str(workers)])
+                try:
+                    connection = http.client.HTTPConnection(host, port, timeout=30)
+                    connection.request("GET", "/api/models")
+                    report["model"] = json.loads(connection.getresponse().read())["default"]
+                    connection.close()
+                    measured: dict = {"workers": workers, "round": round_}
+                    for mode in modes:
+                        load_average = os.getloadavg()[0]
+                        measured[mode] = run(
+                            host,
+                            port,
+                            report["model"],
+                            args.requests,
+                            args.warmup,
+                            MODES[mode],
+                            args.clients,
+                            args.max_seconds,
+                            process.pid,
+                        )
+                        measured[mode]["load_average_1m"] = round(load_average, 2)
+                    report["runs"].append(measured)
+                finally:
+                    process.terminate()
+                    process.wait(10)
     print(json.dumps(report, indent=2, ensure_ascii=False))
+    print(summary(report["runs"]), file=sys.stderr)
 
 
 if __name__ == "__main__":
