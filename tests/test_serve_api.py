@@ -45,6 +45,7 @@ from hwexp.recognition.loading import (
     load_run,
     tracking_client,
 )
+from hwexp.serve import app
 from hwexp.serve.__main__ import main as serve_main
 from hwexp.serve.__main__ import parse_args
 from hwexp.serve.app import MAX_BODY_BYTES, MAX_POINTS, MAX_STROKES, make_server, predict
@@ -551,6 +552,48 @@ def light_server() -> Iterator[tuple[str, int]]:
     fixed = Recognizer("fixed", ("あ", "い", "う"), PreprocessOptions(), FixedSession())
     with running_server([fixed]) as address:
         yield address
+
+
+class ThreadNotingSession(FixedSession):
+    """A FixedSession that notes the thread (object) that ran each request."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.threads.append(threading.current_thread())
+        return super().run(outputs, feeds)
+
+
+def test_a_connection_thread_serves_the_next_connections_and_each_open_one_has_its_own():
+    session = ThreadNotingSession()
+    noting = Recognizer("fixed", ("あ", "い", "う"), PreprocessOptions(), session)
+    body = json.dumps(_strokes()).encode()
+    with running_server([noting]) as address:
+        for _ in range(6):  # one connection after the other: an idle thread takes each
+            assert request(address, "POST", "/api/predict", body)[0] == 200
+            time.sleep(0.2)  # the thread sees the connection close and waits for another
+        assert len(set(session.threads)) <= 2, session.threads  # not one thread per connection
+        held = http.client.HTTPConnection(*address, timeout=30)
+        try:  # a connection left open keeps its thread; the next one gets another, at once
+            held.request("POST", "/api/predict", body)
+            assert held.getresponse().read() and session.threads[-1].is_alive()
+            holder = session.threads[-1]
+            start = time.monotonic()
+            assert request(address, "POST", "/api/predict", body)[0] == 200
+            assert session.threads[-1] is not holder and time.monotonic() - start < 5
+        finally:
+            held.close()
+    _wait_until(lambda: not any(t.is_alive() for t in session.threads), 10, "idle threads left")
+
+
+def test_idle_connection_threads_end(monkeypatch):
+    monkeypatch.setattr(app, "IDLE_THREAD_S", 0.3)
+    session = ThreadNotingSession()
+    noting = Recognizer("fixed", ("あ", "い", "う"), PreprocessOptions(), session)
+    with running_server([noting]) as address:
+        assert request(address, "POST", "/api/predict", _strokes())[0] == 200
+        _wait_until(lambda: not session.threads[0].is_alive(), 10, "the idle thread still waits")
 
 
 def raw_exchange(address: tuple[str, int], data: bytes, shut: bool = False) -> tuple[str, float]:
