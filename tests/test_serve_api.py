@@ -814,12 +814,32 @@ def _answering_processes(port: int, pids: Sequence[int], seconds: float = 60) ->
     return answered
 
 
+def _keep_alive_split(port: int, pids: Sequence[int], clients: int = 16) -> list[int]:
+    """Open ``clients`` keep-alive connections one after the other, each recognising a
+    drawing and staying open; how many of them each of ``pids`` holds."""
+    connections = []
+    try:
+        for _ in range(clients):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            connections.append(connection)
+            connection.request("POST", "/api/predict", json.dumps(_strokes()).encode())
+            assert connection.getresponse().read()
+        held = [_accepted_by(port, c.sock.getsockname()[1], pids) for c in connections]
+    finally:
+        for connection in connections:
+            connection.close()
+    return [held.count(pid) for pid in pids]
+
+
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc")
 def test_workers_share_the_port_a_dead_one_is_replaced_and_sigterm_stops_them_all(exported):
     with serving_workers(exported, 2) as (process, port):
         workers = _workers(process.pid)
         assert len(workers) == 2
         assert _answering_processes(port, workers) == set(workers)
+        # A worker takes a connection only while it holds at most one more than the other.
+        split = _keep_alive_split(port, workers)
+        assert sum(split) == 16 and max(split) - min(split) <= 2, split
         # A worker that dies is replaced; the pad answers throughout.
         os.kill(workers[0], signal.SIGKILL)
         assert request(("127.0.0.1", port), "POST", "/api/predict", _strokes())[0] == 200

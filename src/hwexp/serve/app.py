@@ -249,11 +249,10 @@ class PadServer(ThreadingHTTPServer):
     request_queue_size = REQUEST_QUEUE_SIZE
 
     def __init__(
-        self,
-        address: tuple[str, int],
-        models: Sequence[Recognizer],
-        listener: socket.socket | None = None,
+        self, address: tuple[str, int], models: Sequence[Recognizer], bind: bool = True
     ) -> None:
+        """Serve ``models`` on ``address``; with ``bind=False`` the caller gives the server its
+        listening socket (``server.socket``) before serving."""
         if not models:
             raise ValueError("no models to serve")
         names = [m.name for m in models]
@@ -269,17 +268,7 @@ class PadServer(ThreadingHTTPServer):
         self._idle_threads = 0  # threads waiting on _waiting, less the connections put there
         self._idle_lock = threading.Lock()
         self._closed = False
-        if listener is None:
-            super().__init__(address, PadHandler)
-            return
-        super().__init__(listener.getsockname(), PadHandler, bind_and_activate=False)
-        self.socket.close()
-        self.socket = listener
-        self.server_name, self.server_port = self.server_address[:2]
-        # Other processes accept from this socket too: when one of them takes the connection
-        # this one was woken for, accept() must fail at once (socketserver then skips it), not
-        # block the serving loop until the next connection.
-        listener.setblocking(False)
+        super().__init__(address, PadHandler, bind_and_activate=bind)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Hand the connection to an idle thread, or start one (see the class docstring)."""
@@ -492,7 +481,7 @@ class PadHandler(BaseHTTPRequestHandler):
 
 def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     """A listening TCP socket as :class:`PadServer` binds one (address reuse, backlog
-    :data:`REQUEST_QUEUE_SIZE`), for several server processes to share."""
+    :data:`REQUEST_QUEUE_SIZE`), for worker processes to share (hwexp.serve.workers)."""
     sock = socket.socket(PadServer.address_family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -505,11 +494,7 @@ def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 
 
 def make_server(
-    models: Sequence[Recognizer],
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    listener: socket.socket | None = None,
+    models: Sequence[Recognizer], host: str = "127.0.0.1", port: int = 8000
 ) -> PadServer:
-    """A ready, not yet serving server (``port=0``: an ephemeral port; see ``server.url``);
-    with ``listener`` (from :func:`listen`), it accepts from that socket instead of binding."""
-    return PadServer((host, port), models, listener)
+    """A ready, not yet serving server (``port=0``: an ephemeral port; see ``server.url``)."""
+    return PadServer((host, port), models)

@@ -1,14 +1,18 @@
-"""Several server processes on one listening socket: ``python -m hwexp.serve --workers N``.
+"""Several server processes behind one port: ``python -m hwexp.serve --workers N``.
 
 One process runs Python one thread at a time (the interpreter lock), so a single server uses
 about one CPU core however many requests are in flight. With workers, the parent process binds
-the socket and starts ``N`` worker processes (fresh interpreters: multiprocessing's ``spawn``),
-each loading the models itself and accepting connections from the shared socket (the kernel
-hands each connection to one of them). The parent only supervises:
+the port and starts ``N`` worker processes (fresh interpreters: multiprocessing's ``spawn``),
+each loading the models itself and accepting connections from the shared socket. A worker takes
+a connection only while it holds at most one more than the worker holding fewest (counts in
+shared memory): left to the race for ``accept``, one worker sometimes took most of 16
+keep-alive clients, and their wait doubled.
 
-- it returns from :meth:`WorkerPool.start` once every worker is serving; a worker that cannot
-  load its models stops the start with that worker's error;
-- a worker that dies later is logged and replaced;
+The parent only supervises:
+
+- :meth:`WorkerPool.start` returns once every worker serves; a worker that cannot load its
+  models stops the start with that worker's error;
+- a worker that dies is logged and replaced; meanwhile the others take its share;
 - :meth:`WorkerPool.stop` (the command line calls it on SIGTERM and Ctrl+C) terminates the
   workers and waits for them; a worker whose parent dies without stopping it (SIGKILL) sees its
   pipe to the parent close and stops by itself.
@@ -22,28 +26,70 @@ import multiprocessing
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from hwexp.errors import HwexpError, ModelLoadError
 from hwexp.recognition import Recognizer
-from hwexp.serve.app import make_server
+from hwexp.serve.app import PadServer
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 5.0  # a worker still running this long after SIGTERM is killed
+DEFER_S = 0.001  # a worker ahead in connections looks again after this long
+ABSENT = 2**62  # the connection count of a worker not serving: never the lowest
 
 Loader = Callable[[], Sequence[Recognizer]]  # picklable (a module-level function or partial)
 
 
-def _serve(index: int, listener: socket.socket, load: Loader, parent: Connection) -> None:
+class _SharingServer(PadServer):
+    """A worker's :class:`PadServer` on the socket all workers share, counting the connections
+    it holds in ``held[index]`` and taking a new one only while that count is at most one above
+    the lowest of the others' (an absent worker's count is :data:`ABSENT`)."""
+
+    def __init__(
+        self, models: Sequence[Recognizer], listener: socket.socket, held: Any, index: int
+    ) -> None:
+        super().__init__(listener.getsockname()[:2], models, bind=False)
+        self.socket.close()
+        self.socket = listener
+        # When another worker takes the connection this one was woken for, accept() must
+        # fail at once (socketserver then skips it), not block the serving loop.
+        listener.setblocking(False)
+        self._held, self._index = held, index
+        self._held_lock = threading.Lock()  # connection threads end their connections
+        held[index] = 0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        others = [n for i, n in enumerate(self._held) if i != self._index]
+        if others and self._held[self._index] > min(others) + 1:
+            time.sleep(DEFER_S)  # a worker holding fewer connections takes this one
+            raise BlockingIOError("deferred to a less busy worker")
+        connection, address = self.socket.accept()
+        self._count(1)
+        return connection, address
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        self._count(-1)
+
+    def _count(self, change: int) -> None:
+        with self._held_lock:
+            self._held[self._index] += change
+
+
+def _serve(
+    index: int, listener: socket.socket, held: Any, load: Loader, parent: Connection
+) -> None:
     """A worker's life: load the models, report ``("ready", model descriptions)`` (or
     ``("error", message)``) to the parent, serve ``listener`` until the parent's end of the pipe
     closes."""
     try:
         models = load()
-        server = make_server(models, listener=listener)
+        server = _SharingServer(models, listener, held, index)
     except (HwexpError, ValueError, OSError) as error:
         parent.send(("error", str(error)))
         return
@@ -57,6 +103,14 @@ def _serve(index: int, listener: socket.socket, load: Loader, parent: Connection
     threading.Thread(target=stop_when_the_parent_goes, daemon=True).start()
     log.debug("worker %d serving", index)
     server.serve_forever()
+    server.server_close()
+
+
+@dataclass
+class _Worker:
+    process: Any  # multiprocessing's SpawnProcess
+    control: Connection  # ready/error messages from the worker; closed: the worker stops
+    ready: bool = False
 
 
 class WorkerPool:
@@ -69,11 +123,9 @@ class WorkerPool:
         self.listener = listener
         self.load = load
         self._context = multiprocessing.get_context("spawn")
-        self._workers: list[tuple[Any, Connection] | None] = [None] * count
-
-    @property
-    def pids(self) -> list[int]:
-        return [w[0].pid for w in self._workers if w is not None]
+        self._workers: list[_Worker | None] = [None] * count
+        # Connections each worker holds (shared memory), ABSENT until it serves.
+        self._held = self._context.RawArray("q", [ABSENT] * count)
 
     def start(self) -> list[dict[str, Any]]:
         """Start every worker and wait until all serve; returns the models' descriptions
@@ -92,41 +144,49 @@ class WorkerPool:
             raise
 
     def supervise(self) -> None:
-        """Replace workers that die, until interrupted (SIGTERM, Ctrl+C: the caller stops)."""
+        """Replace workers that die, until interrupted (SIGTERM, Ctrl+C: the caller stops the
+        pool).
+
+        Raises:
+            ModelLoadError: a replacement worker could not load the models, or died before
+                serving.
+        """
         while True:
-            sentinels = {w[0].sentinel: i for i, w in enumerate(self._workers) if w is not None}
-            for ended in wait(list(sentinels)):
-                index = sentinels[ended]
-                process = self._workers[index][0]
-                process.join()
-                log.warning(
-                    "worker %d (pid %d) exited with status %s; starting a new one",
-                    index,
-                    process.pid,
-                    process.exitcode,
-                )
-                self._launch(index)
-                self._wait_ready(index)
+            owners: dict[Any, tuple[int, _Worker]] = {}
+            for index, worker in enumerate(self._workers):
+                if worker is not None:
+                    owners[worker.process.sentinel] = (index, worker)
+                    if not worker.ready:
+                        owners[worker.control] = (index, worker)
+            for event in wait(list(owners)):
+                index, worker = owners[event]
+                if self._workers[index] is not worker:
+                    continue  # replaced while handling an earlier event of this batch
+                if not worker.ready:  # a message, or the end of a worker still loading
+                    self._wait_ready(index)
+                else:
+                    self._replace(index)
 
     def stop(self) -> None:
         """Terminate every worker and wait for it (killed after :data:`STOP_TIMEOUT_S`)."""
         running = [w for w in self._workers if w is not None]
         self._workers = [None] * self.count
-        for process, connection in running:
-            connection.close()
-            if process.is_alive():
-                process.terminate()
-        for process, _ in running:
-            process.join(STOP_TIMEOUT_S)
-            if process.is_alive():
-                process.kill()
-                process.join()
+        for worker in running:
+            worker.control.close()
+            if worker.process.is_alive():
+                worker.process.terminate()
+        for worker in running:
+            worker.process.join(STOP_TIMEOUT_S)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
 
     def _launch(self, index: int) -> None:
-        ours, theirs = self._context.Pipe()
+        control, theirs = self._context.Pipe()
+        self._held[index] = ABSENT
         process = self._context.Process(
             target=_serve,
-            args=(index, self.listener, self.load, theirs),
+            args=(index, self.listener, self._held, self.load, theirs),
             name=f"hwexp-serve-worker-{index}",
             daemon=True,  # terminated, if still running, when the parent's interpreter exits
         )
@@ -138,17 +198,31 @@ class WorkerPool:
         finally:
             signal.signal(signal.SIGINT, handler)
         theirs.close()  # the worker holds the only other end: EOF here when it dies
-        self._workers[index] = (process, ours)
+        self._workers[index] = _Worker(process, control)
 
     def _wait_ready(self, index: int) -> list[dict[str, Any]]:
-        process, connection = self._workers[index]
+        worker = self._workers[index]
         try:
-            kind, detail = connection.recv()
+            kind, detail = worker.control.recv()
         except EOFError:
-            process.join()
+            worker.process.join()
             raise ModelLoadError(
-                f"server worker {index} exited with status {process.exitcode} before serving"
+                f"server worker {index} exited with status {worker.process.exitcode} before serving"
             ) from None
         if kind == "error":
             raise ModelLoadError(detail)
+        worker.ready = True
         return detail
+
+    def _replace(self, index: int) -> None:
+        worker = self._workers[index]
+        worker.process.join()
+        worker.control.close()
+        self._held[index] = ABSENT  # the connections it held died with it
+        log.warning(
+            "server worker %d (pid %d) exited with status %s; starting a new one",
+            index,
+            worker.process.pid,
+            worker.process.exitcode,
+        )
+        self._launch(index)  # accepting once its models are loaded
