@@ -52,15 +52,16 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import io
 import json
 import logging
 import queue
 import re
 import socket
+import struct
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,7 +70,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
-from PIL import Image
 
 from hwexp import __version__
 from hwexp.errors import InputError
@@ -197,9 +197,26 @@ def parse_image(value: Any) -> np.ndarray:
 
 
 def _png_base64(image: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    """An ``(h, w)`` uint8 grey image as a base64 PNG, written directly with zlib: PIL's
+    encoder took 0.15 ms of the server's time per request (mostly its plugin machinery)."""
+    height, width = image.shape
+    rows = np.zeros((height, width + 1), np.uint8)  # each row: filter type 0, then its pixels
+    rows[:, 1:] = image
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey, no interlace
+    png = b"".join(
+        [
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)),
+            _png_chunk(b"IEND", b""),
+        ]
+    )
+    return base64.b64encode(png).decode("ascii")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data)
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
 def predict(models: Mapping[str, Recognizer], payload: Mapping[str, Any]) -> dict[str, Any]:
