@@ -182,6 +182,21 @@ def test_batched_resize_matches_pil_on_noise(size, name):
     assert np.abs(np.rint(ours) - reference).max() <= 1
 
 
+def test_a_lone_image_resizes_to_the_bit_as_in_a_batch():
+    # One or two images take dense products (the drawing pad's path), batches sparse ones.
+    from hwexp.data.preprocess import _resize_all
+
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (12, 128, 121), dtype=np.uint8)
+    boxes = _random_boxes(rng, 12, 50, 140)  # shrinking to 48, some past the border
+    options = PreprocessOptions(size=48)
+    batch = _resize_all(images, boxes, options)
+    alone = [_resize_all(images[i : i + 1], boxes[i : i + 1], options)[0] for i in range(12)]
+    np.testing.assert_array_equal(np.stack(alone), batch)
+    np.testing.assert_array_equal(_resize_all(images[:2], boxes[:2], options), batch[:2])
+    assert np.abs(np.rint(batch) - _pil_resize_all(images, boxes, 48, "box")).max() <= 1
+
+
 @pytest.mark.parametrize("size", [16, 100])
 @pytest.mark.parametrize("name", ["bicubic", "lanczos"])
 def test_batched_resize_matches_pil_on_smooth_images(size, name):

@@ -688,6 +688,8 @@ def _resample(
     # Box weights are 0/1: integer sums are exact, and uint16 is twice as fast as float32.
     most = np.prod(np.ceil(scales.max(axis=0)) + 1)  # input pixels per output pixel, at most
     exact = kernel.weight is _box and most * 255 < 2**16
+    if exact and n <= _DENSE_IMAGES and (scales >= 1).all():
+        return _resample_dense_box(grey, boxes, size, gain)
     dtype = np.uint16 if exact else np.float32
     by_rows, row_sums = _axis_matrix(boxes[:, 1], boxes[:, 3], size, h, kernel, dtype)
     by_cols, col_sums = _axis_matrix(boxes[:, 0], boxes[:, 2], size, w, kernel, dtype)
@@ -701,6 +703,48 @@ def _resample(
     out = row_factor[:, :, None] * col_factor[:, None, :]
     out *= both.transpose(0, 2, 1)
     return out
+
+
+_DENSE_IMAGES = 2  # up to this many images, the box resize multiplies dense matrices
+
+
+def _resample_dense_box(
+    grey: np.ndarray, boxes: np.ndarray, size: int, gain: np.ndarray
+) -> np.ndarray:
+    """:func:`_resample` of a few images with the box kernel, shrinking: the runs of pixels
+    of :func:`_box_runs` as dense 0/1 float32 matrices (for a lone image, building the sparse
+    ones costs more than all the arithmetic). The sums are of integers below 2**24, exact in
+    any order: the result is the sparse products' to the bit."""
+    n, h, w = grey.shape
+    row_bounds, row_sums = _box_runs(boxes[:, 1], boxes[:, 3], size, h)
+    col_bounds, col_sums = _box_runs(boxes[:, 0], boxes[:, 2], size, w)
+    by_rows = _runs_dense(row_bounds, h)  # (n, size, h)
+    by_cols = _runs_dense(col_bounds, w)  # (n, size, w)
+    both = by_rows @ grey.astype(np.float32) @ by_cols.transpose(0, 2, 1)  # (n, row, column)
+    row_factor = (gain[:, None] / row_sums).astype(np.float32)
+    col_factor = (1.0 / col_sums).astype(np.float32)
+    out = row_factor[:, :, None] * col_factor[:, None, :]
+    out *= both
+    return out
+
+
+def _box_runs(
+    start: np.ndarray, stop: np.ndarray, size: int, length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The box kernel shrinking ``start..stop`` to ``size`` samples cuts the axis into runs of
+    whole pixels, one per sample (those whose centres fall in its span): the runs' bounds
+    ``(n, size + 1)``, clipped to ``0..length``, and each sample's weight sum ``(n, size)``
+    (pixels outside the axis count, as zeros)."""
+    scale = (stop - start) / size
+    bounds = np.floor(start[:, None] + np.arange(size + 1) * scale[:, None] + 0.5)
+    sums = np.diff(bounds, axis=1)
+    return np.clip(bounds, 0, length).astype(np.int32), sums
+
+
+def _runs_dense(bounds: np.ndarray, length: int) -> np.ndarray:
+    """``(n, size, length)`` float32: 1 where pixel ``j`` lies in sample ``i``'s run."""
+    pixels = np.arange(length)
+    return ((pixels >= bounds[:, :-1, None]) & (pixels < bounds[:, 1:, None])).astype(np.float32)
 
 
 def _axis_matrix(
@@ -717,11 +761,7 @@ def _axis_matrix(
     n = len(start)
     scale = (stop - start) / size
     if kernel.weight is _box and (scale >= 1).all():
-        # The box kernel cuts the axis into runs of whole pixels, one per sample (the pixels
-        # whose centres fall in its span): only their bounds are needed.
-        bounds = np.floor(start[:, None] + np.arange(size + 1) * scale[:, None] + 0.5)
-        sums = np.diff(bounds, axis=1)
-        bounds = np.clip(bounds, 0, length).astype(np.int32)
+        bounds, sums = _box_runs(start, stop, size, length)
         first, counts = bounds[:, :-1].ravel(), np.diff(bounds, axis=1).ravel()
         values = np.ones(counts.sum(), dtype)
     else:
