@@ -8,15 +8,15 @@ as simple scripts and some proxies do). Requests cycle through KanjiVG-drawn あ
 400 px canvas (every stroke point, ~100-300 points per character). Reports per mode the
 client-side latency (request sent -> JSON answer parsed) p50/p90/p99/max, the server's own
 ``ms``, throughput, errors (resets, timeouts, non-200 answers: counted, never fatal) and the CPU
-time per request of the server (all its processes) and of the load generator. Each mode stops
+time per request of the server (all its processes) and of the load generator, and the cores
+other processes kept busy meanwhile (on Linux; they compete with the server). Each mode stops
 after ``--requests`` or ``--max-seconds``, whichever comes first; requests go only to 127.0.0.1.
 
-The load generator shares the machine with the server, so it is made cheap: one asyncio event
-loop, requests encoded once, answers parsed only as far as the checks need (about 0.15 ms of CPU
-per keep-alive request; ``http.client`` in 16 threads cost 2-3 times that, and its threads
-competing for the interpreter lock added their own waits to the latencies). Several
-``--workers`` values and ``--rounds`` alternate, so that each is measured under the same
-background load.
+The load generator shares the machine with the server, so it is made cheap: plain non-blocking
+sockets on one asyncio event loop, requests encoded once, answers parsed only as far as the
+checks need (measured on 2 cores: 0.10 ms of CPU per keep-alive request, 0.18 ms with a new
+connection; ``http.client`` in 16 threads took 0.21-0.38 and 0.28 ms). Several ``--workers``
+values and ``--rounds`` alternate, so that each is measured under the same background load.
 
 Model: ``--model FILE.onnx`` (or any ``hwexp.serve`` model option after ``--``); without one,
 a debug model (5 hiragana) is trained and exported into a temporary folder first (~1 min).
@@ -228,6 +228,17 @@ def process_cpu_s(pid: int) -> float | None:
     return total
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds all processes of the machine have used since boot (Linux ``/proc/stat``;
+    None elsewhere)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def run(
     host: str,
     port: int,
@@ -240,7 +251,8 @@ def run(
     server_pid: int | None = None,
 ) -> dict:
     """Fire ``warmup`` requests, then ``count`` from ``clients`` concurrent clients (at most
-    ``max_seconds``); latency figures (ms), errors and CPU cost of the ``count``."""
+    ``max_seconds``); latency figures (ms), errors and CPU cost of the ``count``, and how many
+    cores other processes kept busy meanwhile (they compete with the server)."""
     objects = payloads()
     requests = []
     for payload in objects:
@@ -251,7 +263,7 @@ def run(
         )
         requests.append(head.encode() + body)
     server_cpu = process_cpu_s(server_pid) if server_pid else None
-    client_cpu = time.process_time()
+    client_cpu, busy, began = time.process_time(), machine_busy_s(), time.monotonic()
     stats, wall = asyncio.run(
         load(
             host,
@@ -266,8 +278,12 @@ def run(
         )
     )
     client_cpu = time.process_time() - client_cpu
+    others = None
     if server_cpu is not None:
         server_cpu = process_cpu_s(server_pid) - server_cpu
+        if busy is not None:
+            others = machine_busy_s() - busy - server_cpu - client_cpu
+            others = round(max(0.0, others) / (time.monotonic() - began), 2)
     answered = len(stats.client_ms)
     done = answered + sum(stats.errors.values())
     sent = done + warmup  # the CPU figures cover the warm-up too
@@ -295,6 +311,7 @@ def run(
             "load_generator": per_request_ms(client_cpu),
             "server": per_request_ms(server_cpu),
         },
+        "other_processes_cores": others,
         "top1_correct": round(stats.correct / max(1, answered), 3),
     }
 
@@ -315,7 +332,7 @@ def summary(runs: Sequence[dict]) -> str:
     """One line per run and mode: the figures to compare."""
     lines = [
         "workers round mode       errors   p50    p90    p99    max  req/s  cpu ms/req: "
-        "server load-generator  load"
+        "server load-generator  other processes (cores)"
     ]
     for run_ in runs:
         for mode in MODES:
@@ -325,10 +342,14 @@ def summary(runs: Sequence[dict]) -> str:
             lines.append(
                 f"{run_['workers']:>7} {run_['round']:>5} {mode:<10} {r['errors']:>6} "
                 f"{ms['p50']:>5.1f} {ms['p90']:>6.1f} {ms['p99']:>6.1f} {ms['max']:>6.1f} "
-                f"{r['requests_per_s']:>6.0f}  {cpu['server'] or float('nan'):>17.2f} "
-                f"{cpu['load_generator']:>14.2f} {r['load_average_1m']:>5.2f}"
+                f"{r['requests_per_s']:>6.0f}  {_or_nan(cpu['server']):>17.2f} "
+                f"{cpu['load_generator']:>14.2f} {_or_nan(r['other_processes_cores']):>6.2f}"
             )
     return "\n".join(lines)
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def main(argv: Sequence[str] | None = None) -> None:
