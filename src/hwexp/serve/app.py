@@ -1,8 +1,10 @@
 """The drawing pad's HTTP server: the page, its static files and a small JSON API.
 
 Built on the standard library's ``ThreadingHTTPServer``: three routes need no framework, it adds
-no dependency, each request runs in its own thread (ONNX Runtime sessions are thread-safe), and
-a request costs well under a millisecond of server overhead. HTTP/1.1 keep-alive is on.
+no dependency, each connection has a thread of its own (reused for later connections; ONNX
+Runtime sessions are thread-safe), and HTTP/1.1 keep-alive is on. The threads share one
+interpreter lock, so one process uses about one CPU core: ``--workers N`` runs N of them on one
+port (:mod:`hwexp.serve.workers`).
 
 API
 ---
@@ -44,7 +46,7 @@ The listen backlog is :data:`REQUEST_QUEUE_SIZE` (the standard library's 5 drops
 when many clients connect at once), and every request's work is bounded: body size, body read
 time, JSON nesting, strokes and points, and picture pixels (checked from the image header before
 decoding; large JPEGs are decoded reduced). A client that goes away mid-request costs one log
-line, not a traceback.
+line, not a traceback. Figures: ``scripts/bench_serve.py`` and docs/benchmarks.md.
 """
 
 from __future__ import annotations
