@@ -66,11 +66,13 @@ def detect_cpu(cpuinfo: str | None = None, cores: int | None = None) -> Cpu:
     highest ``cpu MHz`` listed. The vector width honours ``ONEDNN_MAX_CPU_ISA=AVX2`` (which
     makes oneDNN, hence TensorFlow's convolutions, use 256-bit vectors only).
     """
+    from hwexp.train import cpu_flags
+
     if cpuinfo is None:
         cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
     name = names[0].strip() if names else (platform.processor() or platform.machine())
-    flags = set((re.findall(r"^flags\s*:\s*(.+)$", cpuinfo, re.M) or [""])[0].split())
+    flags = cpu_flags(cpuinfo)
     nominal = re.search(r"@\s*([\d.]+)\s*GHz", name)
     mhz = [float(v) for v in re.findall(r"^cpu MHz\s*:\s*([\d.]+)$", cpuinfo, re.M)]
     ghz = float(nominal.group(1)) if nominal else (max(mhz) / 1000 if mhz else 0.0)

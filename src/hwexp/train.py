@@ -283,17 +283,22 @@ def mixed_precision_supported() -> bool:
     return False
 
 
-def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool:
-    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 in the flags of
-    ``/proc/cpuinfo``, or of ``cpuinfo``); oneDNN then runs bfloat16 convolutions fast."""
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The feature flags of ``/proc/cpuinfo`` (or of the text ``cpuinfo``); empty when absent."""
     if cpuinfo is None:
         path = Path("/proc/cpuinfo")
         cpuinfo = path.read_text() if path.exists() else ""
-    flags = set()
+    flags: set[str] = set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags.update(line.partition(":")[2].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return flags
+
+
+def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 in its flags,
+    ``cpu_flags``); oneDNN then runs bfloat16 convolutions fast."""
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
 
 
 @contextlib.contextmanager
