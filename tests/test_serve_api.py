@@ -554,46 +554,164 @@ def light_server() -> Iterator[tuple[str, int]]:
         yield address
 
 
-class ThreadNotingSession(FixedSession):
-    """A FixedSession that notes the thread (object) that ran each request."""
+def _read_response(sock: socket.socket, pending: bytearray) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP response read off ``sock`` (bytes after it stay in ``pending``)."""
+    while b"\r\n\r\n" not in pending:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed mid-response: {bytes(pending)!r}"
+        pending += chunk
+    head, _, rest = bytes(pending).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(fields["content-length"])
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed mid-body"
+        rest += chunk
+    pending[:] = rest[length:]
+    return int(lines[0].split()[1]), fields, rest[:length]
 
-    def __init__(self) -> None:
-        self.threads: list[threading.Thread] = []
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection(light_server):
+    body = json.dumps(_strokes()).encode()
+    post = f"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    burst = (
+        b"GET /api/models HTTP/1.1\r\nHost: x\r\n\r\n"
+        + post.encode()
+        + body
+        + b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+        + b"GET /static/pad.css HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    with socket.create_connection(light_server, timeout=10) as sock:
+        sock.sendall(burst)
+        pending = bytearray()
+        answers = [_read_response(sock, pending) for _ in range(4)]
+    assert [status for status, _, _ in answers] == [200, 200, 404, 200]
+    assert json.loads(answers[0][2])["default"] == "fixed"
+    assert json.loads(answers[1][2])["candidates"][0]["char"] == "あ"
+    assert answers[3][1]["content-type"].startswith("text/css")
+    assert all("connection" not in fields for _, fields, _ in answers)
+
+
+def test_a_slow_client_holds_up_no_one_else(light_server):
+    """A client trickling its body holds a buffer, nothing else: others are answered at once
+    (the event loop reads what arrives, it never waits on one connection)."""
+    body = json.dumps(_strokes()).encode()
+    head = f"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    slow = [socket.create_connection(light_server, timeout=10) for _ in range(8)]
+    try:
+        for sock in slow:
+            sock.sendall(head.encode() + body[:10])
+        start = time.monotonic()
+        for _ in range(5):
+            assert request(light_server, "POST", "/api/predict", _strokes())[0] == 200
+        assert time.monotonic() - start < 2
+        for sock in slow:  # the slow ones are answered too, once their bodies are complete
+            sock.sendall(body[10:])
+            assert _read_response(sock, bytearray())[0] == 200
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+class NotingSession(FixedSession):
+    """A FixedSession that notes its model's name in ``order`` and takes ``seconds``."""
+
+    def __init__(self, name: str, order: list[str], seconds: float) -> None:
+        self.name, self.order, self.seconds = name, order, seconds
 
     def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        self.threads.append(threading.current_thread())
+        self.order.append(self.name)
+        time.sleep(self.seconds)
         return super().run(outputs, feeds)
 
 
-def test_a_connection_thread_serves_the_next_connections_and_each_open_one_has_its_own():
-    session = ThreadNotingSession()
-    noting = Recognizer("fixed", ("あ", "い", "う"), PreprocessOptions(), session)
-    body = json.dumps(_strokes()).encode()
-    with running_server([noting]) as address:
-        for _ in range(6):  # one connection after the other: an idle thread takes each
-            assert request(address, "POST", "/api/predict", body)[0] == 200
-            time.sleep(0.2)  # the thread sees the connection close and waits for another
-        assert len(set(session.threads)) <= 2, session.threads  # not one thread per connection
-        held = http.client.HTTPConnection(*address, timeout=30)
-        try:  # a connection left open keeps its thread; the next one gets another, at once
-            held.request("POST", "/api/predict", body)
-            assert held.getresponse().read() and session.threads[-1].is_alive()
-            holder = session.threads[-1]
-            start = time.monotonic()
-            assert request(address, "POST", "/api/predict", body)[0] == 200
-            assert session.threads[-1] is not holder and time.monotonic() - start < 5
+def test_a_pipelined_burst_takes_turns_with_other_connections():
+    order: list[str] = []
+    models = [
+        Recognizer(name, ("あ", "い", "う"), PreprocessOptions(), NotingSession(name, order, 0.1))
+        for name in ("a", "b")
+    ]
+
+    def post(model: str) -> bytes:
+        body = json.dumps(_strokes(model=model)).encode()
+        head = f"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        return head.encode() + body
+
+    with running_server(models) as address:
+        burst = socket.create_connection(address, timeout=10)
+        late = socket.create_connection(address, timeout=10)
+        try:
+            burst.sendall(post("a") * 4)  # four requests at once, pipelined
+            time.sleep(0.05)  # the first of them is being answered
+            late.sendall(post("b"))  # arrived after the burst, before its last two are read
+            pending = bytearray()
+            assert [_read_response(burst, pending)[0] for _ in range(4)] == [200] * 4
+            assert _read_response(late, bytearray())[0] == 200
         finally:
-            held.close()
-    _wait_until(lambda: not any(t.is_alive() for t in session.threads), 10, "idle threads left")
+            burst.close()
+            late.close()
+    # A connection has one request queued at a time: the burst's second is queued as its first
+    # is answered, "b" at the next poll, the burst's third only after its second is answered.
+    assert order == ["a", "a", "b", "a", "a"], order
 
 
-def test_idle_connection_threads_end(monkeypatch):
-    monkeypatch.setattr(app, "IDLE_THREAD_S", 0.3)
-    session = ThreadNotingSession()
-    noting = Recognizer("fixed", ("あ", "い", "う"), PreprocessOptions(), session)
-    with running_server([noting]) as address:
-        assert request(address, "POST", "/api/predict", _strokes())[0] == 200
-        _wait_until(lambda: not session.threads[0].is_alive(), 10, "the idle thread still waits")
+def test_a_silent_connection_is_closed_after_the_idle_time(light_server, monkeypatch):
+    monkeypatch.setattr(app, "IDLE_TIMEOUT_S", 0.3)
+    with socket.create_connection(light_server, timeout=10) as sock:
+        sock.sendall(b"GET /api/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(sock, bytearray())[0] == 200
+        start = time.monotonic()
+        assert sock.recv(1) == b""  # closed by the server
+        assert 0.2 < time.monotonic() - start < 5
+
+
+def test_http_1_0_head_and_expect_100_continue(light_server):
+    reply, _ = raw_exchange(light_server, b"GET /api/models HTTP/1.0\r\n\r\n")
+    assert reply.startswith("HTTP/1.1 200") and "Connection: close" in reply  # 1.0: one request
+    with socket.create_connection(light_server, timeout=10) as sock:
+        sock.sendall(b"HEAD /api/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = sock.recv(65536).decode()
+        length = int(re.search(r"Content-Length: (\d+)", head).group(1))
+        assert head.startswith("HTTP/1.1 200") and head.endswith("\r\n\r\n") and length > 100
+        # curl asks before sending a large body: it is told to go on, then answered.
+        body = json.dumps(_strokes()).encode()
+        sock.sendall(
+            b"POST /api/predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        assert _read_response(sock, bytearray())[0] == 200
+
+
+MALFORMED_HEADS = {
+    "two words": (b"GET /api/models\r\n\r\n", 400, "bad request line"),
+    "bad version": (b"GET / HTTP/x\r\n\r\n", 400, "bad request version"),
+    "http/2": (b"GET / HTTP/2.0\r\n\r\n", 505, "not supported"),
+    "no colon": (b"GET / HTTP/1.1\r\nHost x\r\n\r\n", 400, "bad header field"),
+    "folded": (b"GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n", 400, "bad header field"),
+    "delete": (b"DELETE / HTTP/1.1\r\n\r\n", 501, "unsupported method 'DELETE'"),
+    "many fields": (b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 101 + b"\r\n", 431, "more than 100"),
+    "huge head": (b"GET / HTTP/1.1\r\nA: " + b"b" * 70_000 + b"\r\n\r\n", 431, "over 65536"),
+    "huge line": (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414, "over 65536"),
+    "expect": (
+        b"POST /api/predict HTTP/1.1\r\nExpect: magic\r\nContent-Length: 2\r\n\r\n{}",
+        417,
+        "cannot meet",
+    ),
+}
+
+
+@pytest.mark.parametrize("data, status, message", MALFORMED_HEADS.values(), ids=MALFORMED_HEADS)
+def test_a_malformed_request_head_gets_a_json_error_and_a_closed_connection(
+    light_server, data, status, message
+):
+    reply, _ = raw_exchange(light_server, data)
+    head, _, body = reply.partition("\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ") and "Connection: close" in head
+    assert message in json.loads(body)["error"]
+    assert request(light_server, "GET", "/api/models")[0] == 200
 
 
 def raw_exchange(address: tuple[str, int], data: bytes, shut: bool = False) -> tuple[str, float]:

@@ -1,10 +1,9 @@
 """The drawing pad's HTTP server: the page, its static files and a small JSON API.
 
-Built on the standard library's ``ThreadingHTTPServer``: three routes need no framework, it adds
-no dependency, each connection has a thread of its own (reused for later connections; ONNX
-Runtime sessions are thread-safe), and HTTP/1.1 keep-alive is on. The threads share one
-interpreter lock, so one process uses about one CPU core: ``--workers N`` runs N of them on one
-port (:mod:`hwexp.serve.workers`).
+Built on the standard library alone: three routes need no framework. One :mod:`asyncio` event
+loop per process reads every connection (HTTP/1.1, keep-alive and pipelining) and recognises
+each request on its own thread as soon as it is complete; one process uses one CPU core, and
+``--workers N`` runs N processes on one port (:mod:`hwexp.serve.workers`).
 
 API
 ---
@@ -36,37 +35,40 @@ Errors are JSON ``{"error": "<what is wrong and what is accepted>"}``: 400 malfo
 JSON or nested too deeply, wrong types, not an image, a picture over
 :data:`~hwexp.recognition.inputs.MAX_PICTURE_PIXELS`, more than :data:`MAX_STROKES` strokes or
 :data:`MAX_POINTS` points, two ``Content-Length`` headers, a body shorter than its
-``Content-Length``), 404 unknown model or path, 405 wrong method, 408 a body that does not arrive
-within :data:`BODY_TIMEOUT_S`, 411 no ``Content-Length``, 413 body over :data:`MAX_BODY_BYTES`,
-422 an empty drawing (no points, or no ink), 500 a server fault (the server keeps serving).
+``Content-Length``, a malformed request line or header), 404 unknown model or path, 405 wrong
+method, 408 a body that does not arrive within :data:`BODY_TIMEOUT_S`, 411 no ``Content-Length``
+or a chunked body, 413 body over :data:`MAX_BODY_BYTES`, 414/431 a request line or headers
+over :data:`MAX_HEAD_BYTES`, 422 an empty drawing (no points, or no ink), 500 a server fault
+(the server keeps serving), 501 a method other than GET, HEAD and POST, 505 HTTP/2 or later.
 
 Under load
 ----------
 The listen backlog is :data:`REQUEST_QUEUE_SIZE` (the standard library's 5 drops connections
 when many clients connect at once), and every request's work is bounded: body size, body read
-time, JSON nesting, strokes and points, and picture pixels (checked from the image header before
-decoding; large JPEGs are decoded reduced). A client that goes away mid-request costs one log
-line, not a traceback. Figures: ``scripts/bench_serve.py`` and docs/benchmarks.md.
+time, head size, JSON nesting, strokes and points, and picture pixels (checked from the image
+header before decoding; large JPEGs are decoded reduced). A client that goes away mid-request
+costs one log line, not a traceback; a silent one is closed after :data:`IDLE_TIMEOUT_S`.
+Figures: ``scripts/bench_serve.py`` and docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import contextlib
+import collections
+import email.utils
 import json
 import logging
-import queue
 import re
 import socket
 import struct
-import sys
 import threading
 import time
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -81,13 +83,17 @@ from hwexp.recognition.inputs import decode_picture
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
-BODY_TIMEOUT_S = 5.0  # s for the whole body: a lying Content-Length holds a thread no longer
+BODY_TIMEOUT_S = 5.0  # s for the whole body: a lying Content-Length is answered 408
 REQUEST_QUEUE_SIZE = 1024  # listen backlog (the kernel caps it at net.core.somaxconn)
 MAX_STROKES = 500
 MAX_POINTS = 20_000  # over all strokes
 MAX_CANVAS = 10_000  # px, either side
 MAX_COORDINATE = 1e6  # px, |x| and |y| (points off the canvas are allowed, not drawn)
-IDLE_THREAD_S = 60.0  # a connection thread waits this long for another connection, then ends
+IDLE_TIMEOUT_S = 30.0  # s a connection may stay silent between requests
+MAX_HEAD_BYTES = 64 * 1024  # request line and header fields
+MAX_HEADERS = 100
+ACCEPT_BATCH = 16  # connections taken per wake-up of the listening socket
+ACCEPT_PAUSE_S = 0.5  # accept() failed (out of file descriptors): try again after this
 _DRAIN_LIMIT = 16 * 1024 * 1024  # an oversized body up to this is read away before answering
 STATIC_DIR = Path(__file__).parent / "static"
 _STATIC = {  # URL path -> (file, content type)
@@ -252,26 +258,43 @@ def predict(models: Mapping[str, Recognizer], payload: Mapping[str, Any]) -> dic
 
 # --------------------------------------------------------------------------- the server
 
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_SERVER = f"hwexp-serve/{__version__}"
 
-class PadServer(ThreadingHTTPServer):
-    """A threaded HTTP server holding the loaded models (by name, in menu order).
 
-    Each connection has a thread of its own, as with ``ThreadingHTTPServer``, but threads are
-    reused: a thread done with its connection waits up to :data:`IDLE_THREAD_S` for the next.
-    Starting a thread makes the serving loop wait until the new thread has run, that is until it
-    gets the interpreter lock: about 3 ms with 16 requests in flight, which capped a process at
-    some 300 new connections a second.
+@dataclass
+class _Request:
+    """A request whose head has been read: what it asks for and how its body is framed."""
+
+    method: str
+    target: str
+    path: str
+    version: tuple[int, int]
+    headers: dict[str, list[str]]  # lower-case names
+    keep_alive: bool
+    length: int = 0  # body bytes that follow the head
+    keep_body: bool = True  # False: read away (an oversized body), then answer ``refusal``
+    refusal: ApiError | None = None
+    received: int = 0  # of them
+
+
+class PadServer:
+    """The drawing pad's server: one event loop (:mod:`asyncio`), run by the thread that calls
+    :meth:`serve_forever`, reads every connection; complete requests are answered on that
+    thread one at a time, in the order they arrived (:meth:`_answer_next`).
+
+    Threads do not help here: one process runs Python one thread at a time, and 16 connection
+    threads spent 3.8 ms of CPU per request (contending for the interpreter lock) against
+    2.2 ms for one. A slow client holds nothing but its buffer: bodies are read as they arrive,
+    within :data:`BODY_TIMEOUT_S`. One process uses one core: ``--workers N`` runs N
+    (:mod:`hwexp.serve.workers`).
     """
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = REQUEST_QUEUE_SIZE
-
-    def __init__(
-        self, address: tuple[str, int], models: Sequence[Recognizer], bind: bool = True
-    ) -> None:
-        """Serve ``models`` on ``address``; with ``bind=False`` the caller gives the server its
-        listening socket (``server.socket``) before serving."""
+    def __init__(self, models: Sequence[Recognizer], listener: socket.socket) -> None:
+        """Serve ``models`` (by name, in menu order) on the bound, listening ``listener``."""
         if not models:
             raise ValueError("no models to serve")
         names = [m.name for m in models]
@@ -283,66 +306,49 @@ class PadServer(ThreadingHTTPServer):
             path: ((STATIC_DIR / file).read_bytes(), ctype)
             for path, (file, ctype) in _STATIC.items()
         }
-        self._waiting: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
-        self._idle_threads = 0  # threads waiting on _waiting, less the connections put there
-        self._idle_lock = threading.Lock()
-        self._closed = False
-        super().__init__(address, PadHandler, bind_and_activate=bind)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Hand the connection to an idle thread, or start one (see the class docstring)."""
-        with self._idle_lock:
-            if self._idle_threads:
-                self._idle_threads -= 1
-                self._waiting.put((request, client_address))
-                return
-        threading.Thread(
-            target=self._serve_connections, args=(request, client_address), daemon=True
-        ).start()
-
-    def _serve_connections(self, request: Any, client_address: Any) -> None:
-        """Serve this connection, then the ones handed over while idle (none: return)."""
-        while True:
-            self.process_request_thread(request, client_address)  # errors: handle_error
-            with self._idle_lock:
-                if self._closed:
-                    return
-                self._idle_threads += 1
-            try:
-                handed = self._waiting.get(timeout=IDLE_THREAD_S)
-            except queue.Empty:
-                with self._idle_lock:  # one may have been handed over since the timeout
-                    try:
-                        handed = self._waiting.get_nowait()
-                    except queue.Empty:
-                        self._idle_threads -= 1
-                        return
-            if handed is None:  # server_close
-                return
-            request, client_address = handed
-
-    def server_close(self) -> None:
-        """Close the socket and let the idle threads go."""
-        super().server_close()
-        with self._idle_lock:
-            self._closed = True
-            for _ in range(self._idle_threads):
-                self._waiting.put(None)
-            self._idle_threads = 0
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that went away (reset, broken pipe) is one log line; any other error
-        escaping a handler is logged with its traceback."""
-        error = sys.exc_info()[1]
-        if isinstance(error, ConnectionError | TimeoutError):
-            log.info("client %s:%s went away: %s", *client_address[:2], type(error).__name__)
-        else:
-            log.exception("error serving %s:%s", *client_address[:2])
+        self.socket = listener
+        self.server_address = listener.getsockname()
+        self.open_connections = 0  # accepted and not yet closed
+        self._connections: set[_Connection] = set()
+        self._loop = asyncio.new_event_loop()
+        self._requests: collections.deque[tuple[_Connection, _Request, bytes]] = collections.deque()
+        self._stopped = threading.Event()  # serve_forever is not running
+        self._stopped.set()
+        self._date = (0, "")
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/"
+
+    def serve_forever(self) -> None:
+        """Serve on the calling thread until :meth:`shutdown` (from another thread) or an
+        exception (Ctrl+C) stops the loop; open connections are then dropped."""
+        self._stopped.clear()
+        loop, fd = self._loop, self.socket.fileno()
+        self.socket.setblocking(False)  # accept() fails at once when another worker took it
+        loop.add_reader(fd, self._accept)
+        try:
+            loop.run_forever()
+        finally:
+            loop.remove_reader(fd)
+            for connection in list(self._connections):
+                connection.transport.abort()
+            self._requests.clear()
+            loop.run_until_complete(asyncio.sleep(0))  # their connection_lost callbacks
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop :meth:`serve_forever` and wait until it has returned (thread-safe)."""
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._stopped.wait()
+
+    def server_close(self) -> None:
+        """Close the listening socket and the event loop (not while serving)."""
+        self.socket.close()
+        if not self._loop.is_running() and not self._loop.is_closed():
+            self._loop.close()
 
     def models_payload(self) -> dict[str, Any]:
         return {
@@ -355,153 +361,405 @@ class PadServer(ThreadingHTTPServer):
             },
         }
 
+    def date(self) -> str:
+        """The ``Date`` header's value, formatted once a second."""
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, email.utils.formatdate(now, usegmt=True))
+        return self._date[1]
 
-class PadHandler(BaseHTTPRequestHandler):
-    """Routes: ``/`` and ``/static/*`` (the page), ``/api/models``, ``/api/predict``."""
+    def _queue_request(self, connection: _Connection, request: _Request, body: bytes) -> None:
+        """Answer ``request`` after those queued before it."""
+        self._requests.append((connection, request, body))
+        if len(self._requests) == 1:
+            self._answer_after_poll()
 
-    server: PadServer
-    protocol_version = "HTTP/1.1"  # keep-alive: every response carries Content-Length
-    server_version = f"hwexp-serve/{__version__}"
-    disable_nagle_algorithm = True  # a response leaves at once (no 40 ms delayed-ACK wait)
-    wbufsize = 64 * 1024  # headers and body are one send, flushed after each request
-    timeout = 30  # seconds a connection may stay silent
+    def _answer_after_poll(self) -> None:
+        # Two hops: the callbacks of what the loop's next poll finds run before the answer
+        # (one hop would run ahead of them), so their requests queue first.
+        self._loop.call_soon(self._loop.call_soon, self._answer_next)
 
-    def do_GET(self) -> None:
-        self._guarded(self._get)
+    def _answer_next(self) -> None:
+        """Answer the oldest queued request. One per loop iteration, with a poll for new
+        arrivals between: requests are answered in the order they arrived, whichever
+        connection they came on (answering every ready connection in the poll's order made
+        some requests wait two rounds: p99 twice p50 with 16 keep-alive clients)."""
+        connection, request, body = self._requests.popleft()
+        if self._requests:
+            self._answer_after_poll()
+        connection.answer_queued(request, body)
 
-    def do_POST(self) -> None:
-        self._guarded(self._post)
+    def _accept(self) -> None:
+        """The listening socket is readable: take the connections waiting, a batch at most."""
+        for _ in range(ACCEPT_BATCH):
+            if not self._take_connection():
+                return
 
-    def _get(self) -> None:
-        path = urlsplit(self.path).path
+    def _take_connection(self) -> bool:
+        """Accept one connection and start reading it; False if none was waiting."""
+        try:
+            sock, address = self.socket.accept()
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as error:  # out of file descriptors, say: pause rather than spin
+            log.warning("cannot accept connections for %g s: %s", ACCEPT_PAUSE_S, error)
+            self._pause_accepting(ACCEPT_PAUSE_S)
+            return False
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no delayed-ACK wait
+        self._connection_count(1)
+        started = self._loop.connect_accepted_socket(lambda: _Connection(self, address), sock)
+        self._loop.create_task(started).add_done_callback(self._started)
+        return True
+
+    def _started(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:  # closed before it started
+            self._connection_count(-1)
+
+    def _pause_accepting(self, seconds: float) -> None:
+        fd = self.socket.fileno()
+        self._loop.remove_reader(fd)
+        self._loop.call_later(seconds, self._loop.add_reader, fd, self._accept)
+
+    def _connection_count(self, change: int) -> None:
+        self.open_connections += change
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: its bytes parsed into HTTP/1.1 requests, answered in order
+    (pipelined requests included). Routes: ``/`` and ``/static/*`` (the page),
+    ``/api/models``, ``/api/predict``."""
+
+    def __init__(self, server: PadServer, address: Any) -> None:
+        self.server = server
+        self.address = address
+        self.transport: asyncio.Transport
+        self.buffer = bytearray()
+        self.request: _Request | None = None  # head read, body still arriving
+        self.timer: asyncio.TimerHandle | None = None
+        self.queued = False  # a complete request waits in the server's queue
+        self.eof = False  # the client sent all it will send
+        self.closing = False
+
+    # asyncio's callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server._connections.add(self)
+        self._await_request()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.server._connections.discard(self)
+        self.server._connection_count(-1)
+        self._cancel_timer()
+        if error is not None:  # reset, broken pipe
+            log.info("client %s:%s went away: %s", *self.address[:2], type(error).__name__)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.buffer += data
+        self._continue()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._continue()
+        return True  # the transport stays open for the answers; _continue closes it
+
+    def pause_writing(self) -> None:  # a client not reading its answers: stop reading it
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+    # reading requests
+
+    def _continue(self) -> None:
+        """Read on: queue the next complete request for an answer (one at a time, so that
+        answers go out in order); at the end of the client's data, close once answered."""
+        if self.closing or self.queued:
+            return
+        try:
+            self._advance()
+        except Exception:  # a bug here must not take the server down: drop this connection
+            log.exception("error reading a request from %s:%s", *self.address[:2])
+            self.closing = True
+            self.transport.abort()
+            return
+        if self.eof and not self.queued and not self.closing:
+            request = self.request
+            if request is not None:  # the client stopped before the end of its body
+                message = (
+                    f"request body ended after {request.received} of the {request.length} "
+                    "bytes its Content-Length announced"
+                )
+                self._refuse(ApiError(400, message), request)
+            else:
+                self.closing = True
+                self.transport.close()
+
+    def _advance(self) -> None:
+        """Parse the buffer up to the end of the next request; queue it once complete."""
+        if self.request is None:
+            self.request = self._read_head()
+            if self.request is None:
+                return
+            self._cancel_timer()
+            self._frame_body(self.request)
+            if self.closing:
+                return
+        request = self.request
+        if request.keep_body:
+            request.received = min(request.length, len(self.buffer))
+        else:
+            take = min(request.length - request.received, len(self.buffer))
+            del self.buffer[:take]
+            request.received += take
+        if request.received < request.length:
+            if self.timer is None:
+                self.timer = self.server._loop.call_later(BODY_TIMEOUT_S, self._body_late)
+            return
+        self._cancel_timer()
+        body = b""
+        if request.keep_body:
+            body = bytes(self.buffer[: request.length])
+            del self.buffer[: request.length]
+        self.request = None
+        self.queued = True
+        self.server._queue_request(self, request, body)
+
+    def answer_queued(self, request: _Request, body: bytes) -> None:
+        """Answer a request this connection queued, then read on."""
+        self.queued = False
+        if self.closing or self.transport.is_closing():
+            return
+        self._answer(request, body)
+        if not self.closing:
+            self._await_request()
+            self._continue()
+
+    def _read_head(self) -> _Request | None:
+        """The next request's line and headers, once all arrived (None: not yet, or refused)."""
+        while self.buffer[:2] == b"\r\n" or self.buffer[:1] == b"\n":  # blank lines between
+            del self.buffer[: 2 if self.buffer[:1] == b"\r" else 1]
+        end = _HEAD_END.search(self.buffer, 0, MAX_HEAD_BYTES + 4)
+        if end is None:
+            if len(self.buffer) > MAX_HEAD_BYTES:
+                line_ends = b"\n" in self.buffer[:MAX_HEAD_BYTES]
+                self._refuse(
+                    ApiError(431, f"request headers over {MAX_HEAD_BYTES} bytes")
+                    if line_ends
+                    else ApiError(414, f"request line over {MAX_HEAD_BYTES} bytes")
+                )
+            return None
+        head = bytes(self.buffer[: end.start()])
+        del self.buffer[: end.end()]
+        try:
+            return _parse_head(head)
+        except ApiError as error:
+            self._refuse(error)
+            return None
+
+    def _frame_body(self, request: _Request) -> None:
+        """Decide how much body follows the head (refusing what cannot be framed or served)."""
+        headers = request.headers
+        if request.method == "POST" and request.path != "/api/predict":
+            # The body, unread, must not pass for the next request: the connection closes.
+            served = request.path in self.server.static or request.path == "/api/models"
+            self._refuse(
+                ApiError(
+                    405 if served else 404,
+                    f"POST {request.path!r} is not served; POST /api/predict",
+                ),
+                request,
+            )
+            return
+        if "chunked" in ",".join(headers.get("transfer-encoding", [])).lower():
+            self._refuse(
+                ApiError(411, "chunked bodies are not accepted; send a Content-Length"), request
+            )
+            return
+        declared = headers.get("content-length", [])
+        if not declared:
+            if request.method == "POST":
+                self._refuse(ApiError(411, "a Content-Length header is required"), request)
+            return
+        if len(declared) != 1 or not re.fullmatch(r"[0-9]{1,12}", declared[0].strip()):
+            self._refuse(
+                ApiError(400, f"bad Content-Length {', '.join(declared)!r}: send one, digits"),
+                request,
+            )
+            return
+        length = int(declared[0])
+        if length > MAX_BODY_BYTES:  # read away (up to a limit), so the client sees the answer
+            request.keep_body, request.keep_alive = False, False
+            request.refusal = ApiError(
+                413, f"request body of {length} bytes; at most {MAX_BODY_BYTES}"
+            )
+            length = min(length, _DRAIN_LIMIT)
+        expect = ",".join(headers.get("expect", [])).strip().lower()
+        if expect and length:
+            if expect != "100-continue":
+                self._refuse(ApiError(417, f"cannot meet the expectation {expect!r}"), request)
+                return
+            if request.version >= (1, 1) and request.keep_body:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.length = length
+
+    def _body_late(self) -> None:
+        """The body did not arrive within :data:`BODY_TIMEOUT_S`: answer and close."""
+        self.timer = None
+        request = self.request
+        if request is None or self.closing:
+            return
+        if not request.keep_body:
+            self._refuse(request.refusal, request)
+            return
+        self._refuse(
+            ApiError(
+                408,
+                f"request body incomplete: {request.received} of the "
+                f"{request.length} bytes its Content-Length announced "
+                f"arrived within {BODY_TIMEOUT_S:g} s",
+            ),
+            request,
+        )
+
+    def _await_request(self) -> None:
+        """Wait for the next request's head at most :data:`IDLE_TIMEOUT_S`, then close."""
+        self._cancel_timer()
+        self.timer = self.server._loop.call_later(IDLE_TIMEOUT_S, self._idle)
+
+    def _idle(self) -> None:
+        self.timer = None
+        self.closing = True
+        self.transport.close()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    # answering
+
+    def _answer(self, request: _Request, body: bytes) -> None:
+        """Route one complete request; refusals and faults become JSON errors."""
+        if request.refusal is not None:
+            self._refuse(request.refusal, request)
+            return
+        try:
+            if request.method == "POST":
+                answer = predict(self.server.models, parse_json(body))
+                self._send_json(request, 200, answer)
+            else:
+                self._get(request)
+        except ApiError as error:
+            self._send_json(request, error.status, {"error": error.message})
+        except Exception as error:
+            log.exception("error answering %s %s", request.method, request.target)
+            message = f"server error: {type(error).__name__}: {error}"
+            self._send_json(request, 500, {"error": message})
+
+    def _get(self, request: _Request) -> None:
+        path = request.path
         if path == "/api/models":
-            self._send_json(200, self.server.models_payload())
+            self._send_json(request, 200, self.server.models_payload())
         elif path in self.server.static:
             body, ctype = self.server.static[path]
-            self._send(200, body, ctype, {"Cache-Control": "no-cache"})
+            self._send(request, 200, body, ctype, {"Cache-Control": "no-cache"})
         elif path == "/api/predict":
             raise ApiError(405, "use POST for /api/predict")
         else:
             raise ApiError(404, f"no such path {path!r}")
 
-    def _post(self) -> None:
-        path = urlsplit(self.path).path
-        if path != "/api/predict":
-            self.close_connection = True  # its body, unread, must not pass for the next request
-            raise ApiError(
-                405 if path in self.server.static or path == "/api/models" else 404,
-                f"POST {path!r} is not served; POST /api/predict",
-            )
-        payload = parse_json(self._read_body())
-        self._send_json(200, predict(self.server.models, payload))
+    def _refuse(self, error: ApiError, request: _Request | None = None) -> None:
+        """Answer ``error`` and close the connection (where the next request starts is
+        unknown, or the client must not wait for more)."""
+        if request is not None:
+            request.keep_alive = False
+        else:
+            request = _Request("GET", "", "", (1, 1), {}, keep_alive=False)
+        self.request = None
+        self._send_json(request, error.status, {"error": error.message})
 
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise ApiError(411, "chunked bodies are not accepted; send a Content-Length")
-        declared = self.headers.get_all("Content-Length") or []
-        if len(declared) != 1 or not re.fullmatch(r"[0-9]{1,12}", declared[0].strip()):
-            self.close_connection = True  # where the body ends is unknown
-            if not declared:
-                raise ApiError(411, "a Content-Length header is required")
-            raise ApiError(400, f"bad Content-Length {', '.join(declared)!r}: send one, digits")
-        length = int(declared[0])
-        if length > MAX_BODY_BYTES:
-            self._drain(length)
-            raise ApiError(413, f"request body of {length} bytes; at most {MAX_BODY_BYTES}")
-        return self._receive(length)
-
-    def _receive(self, length: int, keep: bool = True) -> bytes:
-        """The next ``length`` bytes of the body (discarded unless ``keep``), all of them within
-        :data:`BODY_TIMEOUT_S` seconds, so that a client announcing more than it sends holds a
-        thread no longer.
-
-        Raises:
-            ApiError: 408 the bytes did not arrive in time; 400 the client stopped sending.
-        """
-        parts, left = [], length
-        deadline = time.monotonic() + BODY_TIMEOUT_S
-        try:
-            while left > 0:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                self.connection.settimeout(remaining)
-                chunk = self.rfile.read1(min(left, 65536))
-                if not chunk:
-                    raise ApiError(
-                        400,
-                        f"request body ended after {length - left} of the {length} bytes its "
-                        "Content-Length announced",
-                    )
-                left -= len(chunk)
-                if keep:
-                    parts.append(chunk)
-        except TimeoutError:
-            raise ApiError(
-                408,
-                f"request body incomplete: {length - left} of the {length} bytes its "
-                f"Content-Length announced arrived within {BODY_TIMEOUT_S:g} s",
-            ) from None
-        finally:
-            if left > 0:
-                self.close_connection = True  # the rest of the body must not pass for a request
-            self.connection.settimeout(self.timeout)
-        return b"".join(parts)
-
-    def _drain(self, length: int) -> None:
-        """Read away an oversized body (up to a limit, within the body time limit) so the client
-        sees the answer rather than a reset connection; the connection is closed afterwards."""
-        self.close_connection = True
-        with contextlib.suppress(ApiError):
-            self._receive(min(length, _DRAIN_LIMIT), keep=False)
-
-    def _guarded(self, route: Any) -> None:
-        """Run ``route``; refusals and faults become JSON errors, never a dead server."""
-        try:
-            route()
-        except ApiError as error:
-            self._send_json(error.status, {"error": error.message})
-        except (ConnectionError, TimeoutError):
-            raise  # the client went away: PadServer.handle_error logs one line
-        except Exception as error:
-            log.exception("error answering %s %s", self.command, self.path)
-            self._send_json(500, {"error": f"server error: {type(error).__name__}: {error}"})
-
-    def _send_json(self, status: int, payload: Mapping[str, Any]) -> None:
+    def _send_json(self, request: _Request, status: int, payload: Mapping[str, Any]) -> None:
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        self._send(status, body, "application/json; charset=utf-8", {"Cache-Control": "no-store"})
+        ctype = "application/json; charset=utf-8"
+        self._send(request, status, body, ctype, {"Cache-Control": "no-store"})
 
-    def _send(self, status: int, body: bytes, ctype: str, headers: Mapping[str, str]) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
+    def _send(
+        self, request: _Request, status: int, body: bytes, ctype: str, headers: Mapping[str, str]
+    ) -> None:
+        """One response, head and body in one write; the connection closes after it unless
+        the request keeps it alive."""
+        lines = [
+            f"HTTP/1.1 {status} {_REASONS.get(status, '')}",
+            f"Server: {_SERVER}",
+            f"Date: {self.server.date()}",
+            f"Content-Type: {ctype}",
+            f"Content-Length: {len(body)}",
+        ]
         if status == 405:
-            self.send_header("Allow", "POST" if "predict" in self.path else "GET")
-        for key, value in {**_SECURITY_HEADERS, **headers}.items():
-            self.send_header(key, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+            lines.append(f"Allow: {'POST' if 'predict' in request.path else 'GET, HEAD'}")
+        lines += [f"{key}: {value}" for key, value in {**_SECURITY_HEADERS, **headers}.items()]
+        if not request.keep_alive:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if not self.transport.is_closing():
+            self.transport.write(head if request.method == "HEAD" else head + body)
+        if not request.keep_alive:
+            self.closing = True
+            self._cancel_timer()
+            self.transport.close()  # once what is queued has been sent
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own refusals (bad request line, unsupported method) as JSON."""
-        self.close_connection = True
-        text = message or HTTPStatus(code).phrase
-        with contextlib.suppress(ConnectionError, TimeoutError):
-            self._send_json(code, {"error": text})
 
-    def log_message(self, format: str, *args: Any) -> None:
-        if log.isEnabledFor(logging.DEBUG):  # called for every request: format only if logged
-            log.debug("%s %s", self.address_string(), format % args)
+def _parse_head(head: bytes) -> _Request:
+    """The request line and header fields of ``head`` (its blank line excluded).
+
+    Raises:
+        ApiError: 400 malformed, 431 too many fields, 501 a method not served, 505 HTTP/2+.
+    """
+    lines = head.split(b"\n")
+    request_line = lines[0].rstrip(b"\r")
+    parts = request_line.split()
+    if len(parts) != 3:
+        raise ApiError(400, f"bad request line {request_line[:200]!r}")
+    method, target, version_text = parts
+    version = _VERSION.fullmatch(version_text)
+    if version is None or version.group(1) == b"0":
+        raise ApiError(400, f"bad request version {version_text[:20]!r}")
+    if version.group(1) != b"1":
+        raise ApiError(505, f"HTTP version {version_text.decode()} is not supported; use 1.1")
+    if not _TOKEN.fullmatch(method):
+        raise ApiError(400, f"bad request method {method[:20]!r}")
+    if method not in (b"GET", b"HEAD", b"POST"):
+        raise ApiError(501, f"unsupported method {method.decode()!r}: GET, HEAD or POST")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise ApiError(431, f"more than {MAX_HEADERS} header fields")
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        line = line.rstrip(b"\r")
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):  # folded lines included (obsolete)
+            raise ApiError(400, f"bad header field {line[:100]!r}")
+        headers.setdefault(name.decode("ascii").lower(), []).append(
+            value.strip(b" \t").decode("latin-1")
+        )
+    target_text = target.decode("latin-1")
+    try:
+        path = urlsplit(target_text).path
+    except ValueError:
+        raise ApiError(400, f"bad request target {target_text[:200]!r}") from None
+    major_minor = (1, int(version.group(2)))
+    options = {o.strip().lower() for o in ",".join(headers.get("connection", [])).split(",")}
+    keep_alive = "close" not in options if major_minor >= (1, 1) else "keep-alive" in options
+    return _Request(method.decode(), target_text, path, major_minor, headers, keep_alive)
 
 
 def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
-    """A listening TCP socket as :class:`PadServer` binds one (address reuse, backlog
-    :data:`REQUEST_QUEUE_SIZE`), for worker processes to share (hwexp.serve.workers)."""
-    sock = socket.socket(PadServer.address_family, socket.SOCK_STREAM)
+    """A listening TCP socket (address reuse, backlog :data:`REQUEST_QUEUE_SIZE`); worker
+    processes share one (hwexp.serve.workers)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
@@ -516,4 +774,4 @@ def make_server(
     models: Sequence[Recognizer], host: str = "127.0.0.1", port: int = 8000
 ) -> PadServer:
     """A ready, not yet serving server (``port=0``: an ephemeral port; see ``server.url``)."""
-    return PadServer((host, port), models)
+    return PadServer(models, listen(host, port))

@@ -26,7 +26,6 @@ import multiprocessing
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -53,32 +52,22 @@ class _SharingServer(PadServer):
     def __init__(
         self, models: Sequence[Recognizer], listener: socket.socket, held: Any, index: int
     ) -> None:
-        super().__init__(listener.getsockname()[:2], models, bind=False)
-        self.socket.close()
-        self.socket = listener
-        # When another worker takes the connection this one was woken for, accept() must
-        # fail at once (socketserver then skips it), not block the serving loop.
-        listener.setblocking(False)
+        super().__init__(models, listener)
         self._held, self._index = held, index
-        self._held_lock = threading.Lock()  # connection threads end their connections
         held[index] = 0
 
-    def get_request(self) -> tuple[socket.socket, Any]:
+    def _accept(self) -> None:
+        """One connection at a time, unless this worker is ahead: then it stops listening for
+        :data:`DEFER_S` and a worker holding fewer takes the connection."""
         others = [n for i, n in enumerate(self._held) if i != self._index]
-        if others and self._held[self._index] > min(others) + 1:
-            time.sleep(DEFER_S)  # a worker holding fewer connections takes this one
-            raise BlockingIOError("deferred to a less busy worker")
-        connection, address = self.socket.accept()
-        self._count(1)
-        return connection, address
+        if others and self.open_connections > min(others) + 1:
+            self._pause_accepting(DEFER_S)
+            return
+        self._take_connection()
 
-    def shutdown_request(self, request: Any) -> None:
-        super().shutdown_request(request)
-        self._count(-1)
-
-    def _count(self, change: int) -> None:
-        with self._held_lock:
-            self._held[self._index] += change
+    def _connection_count(self, change: int) -> None:
+        super()._connection_count(change)
+        self._held[self._index] = self.open_connections
 
 
 def _serve(
