@@ -76,6 +76,27 @@ def test_vgg_flatten_head_and_unknown_names_are_handled() -> None:
         build_model({"name": "lenet"}, load_group("augment", "off"), NUM_CLASSES, SIZE)
 
 
+def test_vgg_pool_first_pools_before_batch_norm_with_the_same_weights() -> None:
+    plain = tiny_model("vgg_bn", augment="off", pool_first=False)
+    early = tiny_model("vgg_bn", augment="off", pool_first=True)
+    order = [type(layer).__name__ for layer in early.layers]
+    first = order.index("Conv2D")
+    assert order[first : first + 5] == [
+        "Conv2D", "MaxPooling2D", "BatchNormalization", "Activation", "Dropout"
+    ]  # fmt: skip
+    assert [w.shape for w in early.get_weights()] == [w.shape for w in plain.get_weights()]
+    # Batch norm and activation run on the pooled map, a quarter of the convolution's.
+    conv, norm = early.get_layer("b1_1_conv"), early.get_layer("b1_1_bn")
+    assert norm.input.shape[1] * 2 == conv.output.shape[1] == SIZE
+    # With the same weights and a positive batch-norm scale, inference is the same function:
+    # max pooling commutes with a per-channel increasing map.
+    early.set_weights(plain.get_weights())
+    images, _ = batch()
+    np.testing.assert_allclose(
+        early(images, training=False), plain(images, training=False), rtol=1e-4, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_augmentation_is_inactive_at_inference_and_stripped_model_matches(name: str) -> None:
     model = tiny_model(name, augment="on")

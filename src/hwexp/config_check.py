@@ -269,6 +269,7 @@ MODEL_OPTIONS: dict[str, dict[str, Rule]] = {  # model.name -> its other options
         "bn_momentum": _BN_MOMENTUM,
         "widths": SIZES,
         "convs_per_block": integer(1),
+        "pool_first": FLAG,
         "conv_dropout": _DROPOUT,
         "head": choice(*HEADS),
         "dense_units": integer(0),

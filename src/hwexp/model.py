@@ -189,11 +189,15 @@ def _conv_bn_act(
     name: str,
     strides: int = 1,
     act: bool = True,
+    pool: str | None = None,
 ) -> Any:
-    """3x3 convolution (no bias) -> batch norm -> activation (unless ``act`` is False)."""
+    """3x3 convolution (no bias) -> [MaxPool 2x2 named ``pool``] -> batch norm -> activation
+    (unless ``act`` is False)."""
     x = layers.Conv2D(
         filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv"
     )(x)
+    if pool:
+        x = layers.MaxPooling2D(2, name=pool)(x)
     x = _batch_norm(x, cfg, f"{name}_bn")
     activation = cfg["activation"]
     return layers.Activation(activation, name=f"{name}_act")(x) if act else x
@@ -236,12 +240,20 @@ def _head(x: Any, cfg: Mapping[str, Any]) -> Any:
 def _vgg_bn_body(x: Any, cfg: Mapping[str, Any]) -> Any:
     """VGG-style blocks: ``convs_per_block`` x [Conv3x3 -> BN -> act], MaxPool 2x2, Dropout.
 
-    One block per entry of ``widths``; then the ``head`` (see ``_head``).
+    With ``pool_first`` the block's last convolution is pooled before its batch norm and
+    activation, which then run on a map 4 times smaller (the same layers and weights; max
+    pooling commutes with a per-channel increasing function, but the batch statistics are the
+    pooled map's). One block per entry of ``widths``; then the ``head`` (see ``_head``).
     """
+    pool_first = bool(cfg.get("pool_first", False))
+    convs = cfg["convs_per_block"]
     for block, width in enumerate(cfg["widths"], start=1):
-        for conv in range(1, cfg["convs_per_block"] + 1):
-            x = _conv_bn_act(x, width, cfg, name=f"b{block}_{conv}")
-        x = layers.MaxPooling2D(2, name=f"b{block}_pool")(x)
+        pool = f"b{block}_pool"
+        for conv in range(1, convs + 1):
+            early_pool = pool if pool_first and conv == convs else None
+            x = _conv_bn_act(x, width, cfg, name=f"b{block}_{conv}", pool=early_pool)
+        if not pool_first:
+            x = layers.MaxPooling2D(2, name=pool)(x)
         x = layers.Dropout(cfg["conv_dropout"], name=f"b{block}_dropout")(x)
     return _head(x, cfg)
 
