@@ -504,8 +504,10 @@ class _Connection(asyncio.Protocol):
             if self.request is None:
                 return
             self._cancel_timer()
-            self._frame_body(self.request)
-            if self.closing:
+            try:
+                self._frame_body(self.request)
+            except ApiError as error:  # the connection closes: where the next request starts
+                self._refuse(error, self.request)  # is unknown
                 return
         request = self.request
         if request.keep_body:
@@ -560,35 +562,28 @@ class _Connection(asyncio.Protocol):
             return None
 
     def _frame_body(self, request: _Request) -> None:
-        """Decide how much body follows the head (refusing what cannot be framed or served)."""
+        """Decide how much body follows the head.
+
+        Raises:
+            ApiError: a body that cannot be framed, or a POST to a path not served.
+        """
         headers = request.headers
         if request.method == "POST" and request.path != "/api/predict":
             # The body, unread, must not pass for the next request: the connection closes.
             served = request.path in self.server.static or request.path == "/api/models"
-            self._refuse(
-                ApiError(
-                    405 if served else 404,
-                    f"POST {request.path!r} is not served; POST /api/predict",
-                ),
-                request,
+            raise ApiError(
+                405 if served else 404,
+                f"POST {request.path!r} is not served; POST /api/predict",
             )
-            return
         if "chunked" in ",".join(headers.get("transfer-encoding", [])).lower():
-            self._refuse(
-                ApiError(411, "chunked bodies are not accepted; send a Content-Length"), request
-            )
-            return
+            raise ApiError(411, "chunked bodies are not accepted; send a Content-Length")
         declared = headers.get("content-length", [])
         if not declared:
             if request.method == "POST":
-                self._refuse(ApiError(411, "a Content-Length header is required"), request)
-            return
+                raise ApiError(411, "a Content-Length header is required")
+            return  # GET and HEAD: no body
         if len(declared) != 1 or not re.fullmatch(r"[0-9]{1,12}", declared[0].strip()):
-            self._refuse(
-                ApiError(400, f"bad Content-Length {', '.join(declared)!r}: send one, digits"),
-                request,
-            )
-            return
+            raise ApiError(400, f"bad Content-Length {', '.join(declared)!r}: send one, digits")
         length = int(declared[0])
         if length > MAX_BODY_BYTES:  # read away (up to a limit), so the client sees the answer
             request.keep_body, request.keep_alive = False, False
@@ -599,8 +594,7 @@ class _Connection(asyncio.Protocol):
         expect = ",".join(headers.get("expect", [])).strip().lower()
         if expect and length:
             if expect != "100-continue":
-                self._refuse(ApiError(417, f"cannot meet the expectation {expect!r}"), request)
-                return
+                raise ApiError(417, f"cannot meet the expectation {expect!r}")
             if request.version >= (1, 1) and request.keep_body:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.length = length
