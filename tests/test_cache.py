@@ -268,9 +268,12 @@ def _children(pid: int) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for a parent that does not reap it counts as gone)."""
+    """Running (a zombie waiting for a parent that does not reap it counts as gone, unless
+    other threads of it are still exiting: they hold its files)."""
+    proc = Path("/proc") / str(pid)
     try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        zombie = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return not zombie or len(list((proc / "task").iterdir())) > 1
     except OSError:
         return False
 
@@ -339,6 +342,32 @@ def test_sigkill_of_prepare_takes_its_workers_and_the_next_run_clears_the_temp_f
     assert stale  # what a SIGKILL leaves behind
     _prepare(tmp_path / "data" / "cache")  # any later preparation in that cache
     assert not _temp_folders(tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_process_forked_by_a_builder_does_not_hold_its_lock(tmp_path):
+    lock = tmp_path / "entry.lock"
+    read_end, write_end = os.pipe()
+    builder = os.fork()
+    if builder == 0:  # holds the lock, forks a long-lived child, dies without unlocking
+        with cache._locked(lock):
+            child = os.fork()
+            if child == 0:
+                time.sleep(60)
+                os._exit(0)
+            os.write(write_end, str(child).encode())
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(builder, 0)
+    child = int(os.read(read_end, 32))
+    os.close(read_end)
+    try:
+        assert _alive(child)
+        with cache._locked(lock, blocking=False) as held:
+            assert held, "the builder's child kept the lock"
+        assert _alive(child)
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")

@@ -8,11 +8,12 @@ whatever the number of samples: images are written into a memory-mapped ``images
 per-sample columns (labels, writers, meta) spilled to disk chunk by chunk.
 
 Building: an entry is written in a hidden sibling ``.<entry>.<random>/``, synced to disk and
-renamed into place in one step, by a process that holds the entry's lock file throughout; so
-concurrent processes never read half an entry and never build one twice. Worker processes
-die with the process that started them (:mod:`hwexp.data.workers`), and SIGTERM removes the
-temporary folder. A builder killed outright (SIGKILL, power loss) leaves its temporary folder
-behind: the next process that finds that entry's lock free removes it.
+renamed into place in one step, by a process that holds the entry's lock file throughout (its
+workers do not share it); so concurrent processes never read half an entry and never build one
+twice. Worker processes die with the process that started them (:mod:`hwexp.data.workers`),
+and SIGTERM removes the temporary folder. A builder killed outright (SIGKILL, power loss)
+leaves its temporary folder behind: the next process that finds that entry's lock free removes
+it.
 
 Opening: each open checks, without reading the arrays, that every file is present with the
 recorded size, shape and type; a file modified since it was recorded is hashed against its
@@ -409,18 +410,44 @@ def _lock_path(entry: Path) -> Path:
     return entry.with_name(entry.name + ".lock")
 
 
+# Descriptors of the locks this process holds. A flock belongs to the open file, which a forked
+# child shares: a worker still dying after its builder was killed would keep the lock, and the
+# next run would take the builder's temporary folder for a live build's and leave it.
+_held_locks: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: point each held lock's descriptor at /dev/null (the number stays
+    valid for the code that will close it; the parent's lock is untouched)."""
+    if not _held_locks:
+        return
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for fd in _held_locks:
+            os.dup2(devnull, fd, inheritable=False)
+    finally:
+        os.close(devnull)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextmanager
 def _locked(lock_path: Path, blocking: bool = True) -> Iterator[bool]:
-    """Hold ``lock_path`` exclusively; without ``blocking``, yield False if someone holds it."""
+    """Hold ``lock_path`` exclusively; without ``blocking``, yield False if someone holds it.
+    Only this process holds it: processes forked meanwhile do not."""
     with open(lock_path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
+        _held_locks.add(handle.fileno())
         try:
             yield True
         finally:
+            _held_locks.discard(handle.fileno())
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
