@@ -7,13 +7,17 @@ handwriting and brush fonts with that model, and ``real_proxy.py eval`` reads ev
 proxy built with ``real_proxy.py build`` (its figures, not the fonts', predict real scans).
 The seed also changes the writer split and every writer's draws, so one seed's difference is
 mostly noise (about a point on hiragana): compare means and the per-seed paired differences
-against the first arm.
+against the first arm. A run's own test split is small (1,200 images for hiragana75 at 160
+writers: one image is 0.08 points); ``--held-out N`` also reads every model on N writers that
+no arm trains on (writer seeds from 1000; 320 writers are 24,000 images, prepared once and
+shared), which resolves differences of a tenth of a point.
 
     python scripts/ab_synth.py --out /tmp/ab --seeds 1 2 3 \\
         --arm base \\
         --arm debian synthetic=debian_fonts \\
         --arm debian_r50 synthetic=debian_fonts synthetic.font_ratio=0.5 \\
-        [--common dataset.classes=hiragana75 --common trainer.epochs=12 ...] [--proxy DIR]
+        [--common dataset.classes=hiragana75 --common trainer.epochs=12 ...] [--proxy DIR] \\
+        [--held-out 320]
 
 Finished runs are kept (``result.json``) and reused when the script is run again with the
 same arm and overrides, so a long comparison can be resumed or extended by seeds or arms.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -31,10 +36,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from hwexp.fsutil import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_COMMON = ("dataset.classes=hiragana75", "synthetic.writers=80", "trainer.epochs=12")
+HELD_OUT_FIRST_WRITER = 1000  # beyond any arm's training writers (0 .. synthetic.writers - 1)
 
 
 @dataclass(frozen=True)
@@ -44,10 +52,15 @@ class Arm:
 
 
 def run_arm_seed(
-    arm: Arm, seed: int, common: tuple[str, ...], out: Path, proxy: Path | None = None
+    arm: Arm,
+    seed: int,
+    common: tuple[str, ...],
+    out: Path,
+    proxy: Path | None = None,
+    held_out: int = 0,
 ) -> dict:
-    """Train and read fonts (and the proxy) for one arm and seed, or reuse a finished result
-    (reading the proxy if it lacks that); the figures."""
+    """Train and read fonts (and the proxy, and ``held_out`` held-out synthetic writers) for
+    one arm and seed, or reuse a finished result (reading what it lacks); the figures."""
     root = out / f"{arm.name}-s{seed}"
     spec = {"arm": arm.name, "seed": seed, "overrides": [*common, *arm.overrides]}
     spec_file, result_file = root / "arm.json", root / "result.json"
@@ -59,8 +72,7 @@ def run_arm_seed(
             )
         if result_file.exists():
             result = json.loads(result_file.read_text())
-            if proxy is not None and "proxy" not in result:
-                result["proxy"] = _read_proxy(root, proxy)
+            if _read_missing(result, root, spec["overrides"], out, proxy, held_out):
                 atomic_write_text(result_file, json.dumps(result, indent=1, ensure_ascii=False))
             return result
     root.mkdir(parents=True, exist_ok=True)
@@ -84,10 +96,23 @@ def run_arm_seed(
     ]
     _logged(read, root / "eval.log", env)
     result = {**json.loads((root / "fonts.json").read_text()), "train_seconds": wall}
-    if proxy is not None:
-        result["proxy"] = _read_proxy(root, proxy)
+    _read_missing(result, root, spec["overrides"], out, proxy, held_out)
     atomic_write_text(result_file, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return result
+
+
+def _read_missing(
+    result: dict, root: Path, overrides: list[str], out: Path, proxy: Path | None, held_out: int
+) -> bool:
+    """Add the proxy's and the held-out writers' figures that ``result`` lacks; whether any."""
+    added = False
+    if proxy is not None and "proxy" not in result:
+        result["proxy"] = _read_proxy(root, proxy)
+        added = True
+    if held_out and result.get("held_out", {}).get("writers") != held_out:
+        result["held_out"] = _read_held_out(root, overrides, out, held_out)
+        added = True
+    return added
 
 
 def _read_proxy(root: Path, proxy: Path) -> dict:
@@ -96,6 +121,36 @@ def _read_proxy(root: Path, proxy: Path) -> dict:
     read += [str(proxy), "--run", "best", "--json", str(figures)]
     _logged(read, root / "proxy.log", {**os.environ, "HWEXP_ROOT": str(root)})
     return json.loads(figures.read_text())
+
+
+def _read_held_out(root: Path, overrides: list[str], out: Path, writers: int) -> dict:
+    """The run's accuracy on ``writers`` synthetic writers from HELD_OUT_FIRST_WRITER, of the
+    class set its ``overrides`` name; their images are prepared once for every arm in ``out``."""
+    value = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o}.get
+    defaults = OmegaConf.load(REPO / "src" / "hwexp" / "conf" / "synthetic" / "default.yaml")
+    trained = int(value("synthetic.first_writer", defaults.first_writer)) + int(
+        value("synthetic.writers", defaults.writers)
+    )
+    if trained > HELD_OUT_FIRST_WRITER:
+        raise SystemExit(
+            f"--held-out: {root.name} trains on writer seeds up to {trained - 1}, into the "
+            f"held-out writers from {HELD_OUT_FIRST_WRITER}; train on fewer writers"
+        )
+    classes = [o for o in overrides if o.startswith("dataset.classes=")]
+    read = [sys.executable, "-m", "hwexp.evaluate", "run=best", "part=all", *classes]
+    read += [f"synthetic.first_writer={HELD_OUT_FIRST_WRITER}", f"synthetic.writers={writers}"]
+    read += [f"paths.cache_dir={out / 'held-out-cache'}"]
+    log = root / "held_out.log"
+    _logged(read, log, {**os.environ, "HWEXP_ROOT": str(root)})
+    return {"writers": writers, "accuracy": parse_evaluation(log.read_text(errors="replace"))}
+
+
+def parse_evaluation(output: str) -> float:
+    """The accuracy in ``python -m hwexp.evaluate``'s headline (``... accuracy 0.9832, ...``)."""
+    found = re.search(r"^run \S+ on .*\): accuracy ([0-9.]+),", output, re.MULTILINE)
+    if found is None:
+        raise SystemExit(f"no accuracy line in hwexp.evaluate's output:\n{output[-2000:]}")
+    return float(found[1])
 
 
 def _logged(command: list[str], log: Path, env: dict[str, str]) -> None:
@@ -120,11 +175,22 @@ FIGURES = (
 PROXY_SETS = ("etl8b2", "etl9g", "scans")
 
 
+HELD_OUT = ("held-out synthetic", ("held_out", "accuracy"))
+
+
 def _columns(results: dict) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """FIGURES, plus the proxy's sets when every result has them."""
+    """FIGURES, plus the held-out writers and the proxy's sets when every result has them."""
+    columns = FIGURES
+    if all("held_out" in r for r in results.values()):
+        columns = (FIGURES[0], HELD_OUT, *FIGURES[1:])
     if all("proxy" in r for r in results.values()):
-        return FIGURES + tuple((f"proxy {s}", ("proxy", s, "accuracy")) for s in PROXY_SETS)
-    return FIGURES
+        columns += tuple((f"proxy {s}", ("proxy", s, "accuracy")) for s in PROXY_SETS)
+    return columns
+
+
+def _cell(name: str, value: float, signed: bool = False) -> str:
+    """A figure in percent: the held-out writers (tens of thousands of images) to 0.01."""
+    return format(value, f"{'+' if signed else ''}.{2 if name == HELD_OUT[0] else 1}f")
 
 
 def _figures(result: dict, columns=FIGURES) -> list[float]:
@@ -142,7 +208,7 @@ def summary_rows(arms: list[Arm], seeds: list[int], results: dict) -> list[str]:
     after the first arm, the mean (min..max) per-seed paired difference to it, in points."""
     chosen = _columns({key: results[key] for key in results})
     names = [name for name, _ in chosen]
-    proxy = len(chosen) > len(FIGURES)
+    proxy = any(name.startswith("proxy") for name in names)
     size_column = " proxy full→small / small→full |" if proxy else ""
     lines = [
         f"| arm | seed | {' | '.join(names)} | voicing / size / other errors, distorted "
@@ -158,7 +224,7 @@ def summary_rows(arms: list[Arm], seeds: list[int], results: dict) -> list[str]:
                 full_small = sum(r["proxy"][s]["full_to_small"] for s in PROXY_SETS)
                 small_full = sum(r["proxy"][s]["small_to_full"] for s in PROXY_SETS)
                 kinds += f" | {full_small} / {small_full}"
-            cells = " | ".join(f"{v:.1f}" for v in _figures(r, chosen))
+            cells = " | ".join(_cell(n, v) for n, v in zip(names, _figures(r, chosen), strict=True))
             lines.append(f"| {arm.name} | {seed} | {cells} | {kinds} | {r['train_seconds']:.0f} |")
     lines += ["", f"| arm | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
     # columns[arm][figure] = that figure over the seeds
@@ -169,11 +235,14 @@ def summary_rows(arms: list[Arm], seeds: list[int], results: dict) -> list[str]:
     base = columns[arms[0].name]
     for arm in arms:
         cells = []
-        for column, base_column in zip(columns[arm.name], base, strict=True):
-            cell = f"{statistics.fmean(column):.1f}"
+        for name, column, base_column in zip(names, columns[arm.name], base, strict=True):
+            cell = _cell(name, statistics.fmean(column))
             if arm is not arms[0]:
                 d = [v - b for v, b in zip(column, base_column, strict=True)]
-                cell += f" ({statistics.fmean(d):+.1f}, {min(d):+.1f}..{max(d):+.1f})"
+                mean, low, high = (
+                    _cell(name, x, signed=True) for x in (statistics.fmean(d), min(d), max(d))
+                )
+                cell += f" ({mean}, {low}..{high})"
             cells.append(cell)
         lines.append(f"| {arm.name} | {' | '.join(cells)} |")
     return lines
@@ -200,6 +269,14 @@ def main() -> int:
     parser.add_argument(
         "--proxy", type=Path, default=None, help="also read this real_proxy.py build folder"
     )
+    parser.add_argument(
+        "--held-out",
+        type=int,
+        default=0,
+        metavar="WRITERS",
+        help=f"also read this many synthetic writers from seed {HELD_OUT_FIRST_WRITER} on, "
+        "that no arm trains on (320: 24,000 hiragana75 images)",
+    )
     args = parser.parse_args()
     arms = [Arm(a[0], tuple(a[1:])) for a in args.arm]
     if len({a.name for a in arms}) != len(arms):
@@ -214,7 +291,9 @@ def main() -> int:
     for seed in args.seeds:
         for arm in arms:
             print(f"{arm.name}, seed {seed}:", " ".join(arm.overrides) or "(defaults)", flush=True)
-            results[arm.name, seed] = run_arm_seed(arm, seed, common, args.out, args.proxy)
+            results[arm.name, seed] = run_arm_seed(
+                arm, seed, common, args.out, args.proxy, args.held_out
+            )
     print("\n".join(summary_rows(arms, args.seeds, results)))
     return 0
 

@@ -74,3 +74,43 @@ def test_proxy_figures_join_the_summary_when_every_run_has_them(monkeypatch):
     assert lines[-1].endswith("| 85.0 | 85.0 | 85.0 |")
     del results["base", 2]["proxy"]  # one run without the proxy: fonts only
     assert "proxy" not in ab.summary_rows([base], [1, 2], results)[0]
+
+
+def test_held_out_writers_join_the_summary_to_a_hundredth(monkeypatch):
+    ab = load_script("ab_synth", monkeypatch)
+    base, new = ab.Arm("base", ()), ab.Arm("new", ("model.pool_first=true",))
+
+    def with_held_out(accuracy: float) -> dict:
+        return _result(0.96, 0.84, 0.78) | {"held_out": {"writers": 320, "accuracy": accuracy}}
+
+    results = {
+        ("base", 1): with_held_out(0.9832),
+        ("base", 2): with_held_out(0.9852),
+        ("new", 1): with_held_out(0.9817),
+        ("new", 2): with_held_out(0.9831),
+    }
+    lines = ab.summary_rows([base, new], [1, 2], results)
+    assert lines[0].startswith("| arm | seed | synthetic test | held-out synthetic | fonts plain")
+    assert "| base | 1 | 96.0 | 98.32 | 84.0 |" in "\n".join(lines)
+    assert lines[-1].startswith("| new | 96.0 (+0.0, +0.0..+0.0) | 98.24 (-0.18, -0.21..-0.15) |")
+    del results["new", 2]["held_out"]  # one run without it: the column goes
+    assert "held-out" not in ab.summary_rows([base, new], [1, 2], results)[0]
+
+
+def test_the_evaluation_headline_is_parsed_and_its_absence_refused(monkeypatch):
+    ab = load_script("ab_synth", monkeypatch)
+    output = (
+        "prepare synthetic: 24000 images in 37.9 s\n"
+        "run cf1bd72f on synthetic (all, 24000 samples): accuracy 0.9832, top-5 0.9989, "
+        "macro F1 0.9831\nlogged as MLflow run 7e268a32\n"
+    )
+    assert ab.parse_evaluation(output) == 0.9832
+    with pytest.raises(SystemExit, match="no accuracy line"):
+        ab.parse_evaluation("error: experiment 'hwexp' does not exist\n")
+
+
+def test_held_out_writers_that_an_arm_trains_on_are_refused(tmp_path, monkeypatch):
+    ab = load_script("ab_synth", monkeypatch)
+    with pytest.raises(SystemExit, match="held-out writers from 1000"):
+        ab._read_held_out(tmp_path / "big-s1", ["synthetic.writers=1200"], tmp_path, 320)
+    assert not (tmp_path / "big-s1").exists()  # refused before anything ran
