@@ -13,7 +13,7 @@ plus each arm's overrides) without MLflow and prints, per arm, the data preparat
 wall time and epochs until the validation accuracy first reaches ``--target``.
 
     python scripts/bench_train.py [throughput] [--models article vgg_bn] [--sizes 48 64]
-    python scripts/bench_train.py --models vgg_bn vgg_bn:pool_first=true   # a variant
+    python scripts/bench_train.py --models vgg_bn:pool_first=false vgg_bn   # a variant
     python scripts/bench_train.py time-to-accuracy --target 0.98 \\
         --arm default --arm onecycle8 trainer.lr_schedule=onecycle trainer.epochs=8
 """
@@ -145,7 +145,7 @@ def bench_config(model: str, augment: str, batch_size: int, epochs: int, mixed: 
     def group(name: str, option: str) -> DictConfig:
         return OmegaConf.load(CONF_DIR / name / f"{option}.yaml")
 
-    name, _, changes = model.partition(":")  # vgg_bn:pool_first=true,widths=[16,32]
+    name, _, changes = model.partition(":")  # vgg_bn:pool_first=false,widths=[16,32]
     dotlist = re.split(r",(?![^\[]*\])", changes) if changes else []  # commas outside [...]
     model_cfg = OmegaConf.merge(group("model", name), OmegaConf.from_dotlist(dotlist))
     cfg = OmegaConf.create(
@@ -265,7 +265,7 @@ def main() -> None:
         "--models",
         nargs="+",
         default=["article", "vgg_bn", "resnet_small"],
-        help="model configs, each optionally with changes: vgg_bn:pool_first=true,widths=[16,32]",
+        help="model configs, each optionally with changes: vgg_bn:pool_first=false,widths=[16,32]",
     )
     parser.add_argument("--sizes", nargs="+", type=int, default=[48, 64])
     parser.add_argument("--samples", type=int, default=2048, help="training samples per epoch")

@@ -6,9 +6,9 @@ from scripts_loader import load_script
 def test_a_model_variant_changes_only_the_named_options(monkeypatch):
     bench = load_script("bench_train", monkeypatch)
     plain = bench.bench_config("vgg_bn", "on", 64, 2, False)
-    variant = bench.bench_config("vgg_bn:pool_first=true,widths=[8,16]", "on", 64, 2, False)
-    assert plain.model.pool_first is False
-    assert variant.model.pool_first is True and list(variant.model.widths) == [8, 16]
+    variant = bench.bench_config("vgg_bn:pool_first=false,widths=[8,16]", "on", 64, 2, False)
+    assert plain.model.pool_first is True  # the default
+    assert variant.model.pool_first is False and list(variant.model.widths) == [8, 16]
     assert {k: v for k, v in variant.model.items() if k not in ("pool_first", "widths")} == {
         k: v for k, v in plain.model.items() if k not in ("pool_first", "widths")
     }

@@ -62,6 +62,10 @@ def test_article_recipes(tmp_path, experiment):
     assert cfg.trainer.optimizer == "adam"
     assert cfg.callbacks.early_stopping.patience == 8
     assert cfg.callbacks.reduce_lr.factor == 0.5 and cfg.callbacks.reduce_lr.patience == 3
+    assert cfg.callbacks.reduce_lr.enabled is True
+    # the article's plain training, whatever the default schedule
+    assert cfg.trainer.lr == 0.001 and cfg.trainer.lr_schedule == "constant"
+    assert cfg.trainer.label_smoothing == 0.0
     if experiment == "article_kmnist":
         assert cfg.augment.enabled is False and cfg.split.method == "official"
     else:
@@ -83,6 +87,17 @@ def test_gpu_recipe_is_the_default_model_at_64_px_in_mixed_precision(tmp_path):
         tmp_path, "experiment=kanji3036_gpu", "trainer.strategy=mirrored", config_name="config"
     )
     check_config(mirrored)
+
+
+def test_quick_recipe_is_the_default_data_and_model_in_fewer_one_cycle_epochs(tmp_path):
+    default = data_config(tmp_path, config_name="config")
+    cfg = data_config(tmp_path, "experiment=quick", config_name="config")
+    check_config(cfg)
+    assert cfg.dataset == default.dataset and cfg.synthetic == default.synthetic
+    assert cfg.preprocess == default.preprocess and cfg.augment == default.augment
+    assert cfg.model.widths == default.model.widths and cfg.model.pool_first is True
+    assert cfg.trainer.epochs < default.trainer.epochs
+    assert cfg.trainer.lr_schedule == "onecycle"
 
 
 def test_debug_run_is_tiny(tmp_path):
@@ -188,6 +203,8 @@ BAD_OPTIONS = {  # override -> the one error line's start
     "trainer.cpu_replicas=-1": "trainer.cpu_replicas=-1: an integer >= 0",
     "trainer.cpu_replicas=2": "trainer.cpu_replicas=2: needs trainer.strategy=mirrored",
     "trainer.strategy=mirrored": None,  # valid
+    "callbacks.reduce_lr.enabled=yes": "callbacks.reduce_lr.enabled=yes: auto, true or false",
+    "callbacks.reduce_lr.enabled=true": None,
     "synthetic.canvas_size=8": "synthetic.canvas_size=8: choose between 16 and 1024",
     "preprocess.size=abc": "preprocess.size=abc: an integer",
     "dataset.source=foo": "dataset.source=foo: one of etl1c",

@@ -67,7 +67,7 @@ def test_default_store_is_sqlite_with_artifacts_under_mlruns(tracked_run) -> Non
 def test_params_and_tags(tracked_run) -> None:
     client, run_id, _, _ = tracked_run
     data = client.get_run(run_id).data
-    assert data.params["trainer.lr"] == "0.001"
+    assert data.params["trainer.lr"] == "0.003"  # the default one-cycle peak
     assert data.params["model.name"] == "article"
     assert data.params["model.filters"] == "[8, 16]"
     assert data.params["augment.enabled"] == "True"
@@ -110,7 +110,7 @@ def test_artifacts(tracked_run, tmp_path) -> None:
         "training/curves.png",
     }
     local = Path(client.download_artifacts(run_id, "", str(tmp_path)))
-    assert "lr: 0.001" in (local / "config.yaml").read_text("utf-8")
+    assert "lr: 0.003" in (local / "config.yaml").read_text("utf-8")
     assert (local / "evaluation/misclassified.png").read_bytes()[:4] == b"\x89PNG"
     per_class = (local / "evaluation/per_class.csv").read_text("utf-8").splitlines()
     assert per_class[0].startswith("char,codepoint,support") and len(per_class) == 1 + len(CLASSES)

@@ -24,6 +24,7 @@ from hwexp.train import (
     chosen_dtype_policy,
     fit,
     learning_rate,
+    make_callbacks,
     make_optimizer,
     cpu_has_bfloat16,
     mixed_precision_supported,
@@ -233,8 +234,27 @@ def test_early_stopping_fires_on_a_plateau() -> None:
     assert result.stopped_early
 
 
+def test_reduce_lr_is_used_with_a_constant_schedule_unless_asked_for(caplog) -> None:
+    cfg = tiny_config("article").callbacks
+    assert cfg.reduce_lr.enabled == "auto"  # the default
+
+    def reduces(schedule: str) -> bool:
+        chosen = make_callbacks(cfg, schedule, verbose=0)
+        return any(isinstance(c, keras.callbacks.ReduceLROnPlateau) for c in chosen)
+
+    assert reduces("constant") and not reduces("onecycle") and not reduces("cosine")
+    assert "reduce_lr ignored" not in caplog.text  # auto: nothing to warn of
+    cfg.reduce_lr.enabled = True
+    assert not reduces("onecycle")
+    assert "callbacks.reduce_lr ignored: it cannot change a onecycle lr schedule" in caplog.text
+    cfg.reduce_lr.enabled = False
+    assert not reduces("constant")
+
+
 def test_reduce_lr_fires_on_a_plateau() -> None:
-    cfg = tiny_config("article", **{"trainer.lr": 1e-9, "trainer.epochs": 3})
+    cfg = tiny_config(
+        "article", **{"trainer.lr": 1e-9, "trainer.epochs": 3, "trainer.lr_schedule": "constant"}
+    )
     no_callbacks(cfg)
     cfg.callbacks.reduce_lr.update(enabled=True, patience=1, factor=0.5, min_lr=0.0)
     result = fit(glyph_splits(n_train=64, n_eval=32), cfg)

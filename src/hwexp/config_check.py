@@ -217,6 +217,7 @@ OPTIONS: dict[str, Rule] = {
     **{
         f"callbacks.reduce_lr.{key}": rule
         for key, rule in _callback(
+            enabled=Rule("auto, true or false", lambda v: v == "auto" or isinstance(v, bool)),
             factor=number(0, 1, low_open=True, high_open=True),
             patience=integer(0),
             min_delta=number(0),

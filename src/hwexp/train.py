@@ -227,13 +227,17 @@ def make_callbacks(
     callbacks_cfg: Mapping[str, Any], lr_schedule: str = "constant", verbose: int = 1
 ) -> list[keras.callbacks.Callback]:
     """EarlyStopping, ReduceLROnPlateau and ModelCheckpoint from their config blocks
-    (each has ``enabled``). ReduceLROnPlateau needs a constant schedule; with another it is
-    skipped with a warning. ``verbose`` 0 silences their messages."""
+    (each has ``enabled``). ReduceLROnPlateau needs a constant schedule: its ``enabled: auto``
+    means with a constant schedule only; ``true`` with another is skipped with a warning.
+    ``verbose`` 0 silences their messages."""
     chosen: list[keras.callbacks.Callback] = []
     reduce_cfg = callbacks_cfg["reduce_lr"]
-    if reduce_cfg["enabled"] and lr_schedule != "constant":
+    reduce_lr = reduce_cfg["enabled"]
+    if reduce_lr == "auto":
+        reduce_lr = lr_schedule == "constant"
+    if reduce_lr and lr_schedule != "constant":
         log.warning("callbacks.reduce_lr ignored: it cannot change a %s lr schedule", lr_schedule)
-    elif reduce_cfg["enabled"]:
+    elif reduce_lr:
         chosen.append(
             keras.callbacks.ReduceLROnPlateau(
                 monitor=reduce_cfg["monitor"],
