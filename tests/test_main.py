@@ -208,11 +208,12 @@ def test_a_bad_option_is_one_error_line_and_exit_1_with_no_run(tmp_path):
 
 
 def endless_training(root: Path, output: int) -> subprocess.Popen:
-    """A debug training of 1000 epochs in ``root``; its stdout and stderr go to ``output``
-    (``subprocess.PIPE``: text)."""
+    """A debug training that does not end by itself (a tiny model can run 1,000 epochs in
+    under two minutes, before a test polling the MLflow store notices the first one) in
+    ``root``; its stdout and stderr go to ``output`` (``subprocess.PIPE``: text)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "hwexp", "debug=default", "trainer.epochs=1000"]
-        + ["trainer.verbose=0", "callbacks.early_stopping.enabled=false"],
+        [sys.executable, "-m", "hwexp", "debug=default", "trainer.epochs=1000000"]
+        + ["synthetic.writers=40", "trainer.verbose=0", "callbacks.early_stopping.enabled=false"],
         env=os.environ | {"HWEXP_ROOT": str(root)},
         cwd=root,
         stdout=output,
