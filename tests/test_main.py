@@ -208,18 +208,23 @@ def test_a_bad_option_is_one_error_line_and_exit_1_with_no_run(tmp_path):
 
 
 def endless_training(root: Path, output: int) -> subprocess.Popen:
-    """A debug training that does not end by itself (a tiny model can run 1,000 epochs in
-    under two minutes, before a test polling the MLflow store notices the first one) in
-    ``root``; its stdout and stderr go to ``output`` (``subprocess.PIPE``: text)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "hwexp", "debug=default", "trainer.epochs=1000000"]
-        + ["synthetic.writers=40", "trainer.verbose=0", "callbacks.early_stopping.enabled=false"],
-        env=os.environ | {"HWEXP_ROOT": str(root)},
-        cwd=root,
-        stdout=output,
-        stderr=output,
-        text=True,
-    )
+    """A debug training that does not end by itself in ``root``, Ctrl+C acting on it as in a
+    terminal; its stdout and stderr go to ``output`` (``subprocess.PIPE``: text)."""
+    # Tests started in the background (`pytest &` in a script: SIGINT ignored, as shells do)
+    # would pass the ignored SIGINT on, and the training could not be interrupted.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "hwexp", "debug=default", "trainer.epochs=1000000"]
+            + ["trainer.verbose=0", "callbacks.early_stopping.enabled=false"],
+            env=os.environ | {"HWEXP_ROOT": str(root)},
+            cwd=root,
+            stdout=output,
+            stderr=output,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_training_killed_with_sigkill_is_failed_by_the_next_lookup_and_never_selected(tmp_path):
