@@ -36,8 +36,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
 
+from hwexp import CONF_DIR
 from hwexp.fsutil import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,11 +127,9 @@ def _read_proxy(root: Path, proxy: Path) -> dict:
 def _read_held_out(root: Path, overrides: list[str], out: Path, writers: int) -> dict:
     """The run's accuracy on ``writers`` synthetic writers from HELD_OUT_FIRST_WRITER, of the
     class set its ``overrides`` name; their images are prepared once for every arm in ``out``."""
-    value = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o}.get
-    defaults = OmegaConf.load(REPO / "src" / "hwexp" / "conf" / "synthetic" / "default.yaml")
-    trained = int(value("synthetic.first_writer", defaults.first_writer)) + int(
-        value("synthetic.writers", defaults.writers)
-    )
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        synthetic = compose("config", overrides=list(overrides)).synthetic  # the arm's own
+    trained = int(synthetic.first_writer) + int(synthetic.writers)
     if trained > HELD_OUT_FIRST_WRITER:
         raise SystemExit(
             f"--held-out: {root.name} trains on writer seeds up to {trained - 1}, into the "
